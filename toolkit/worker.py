@@ -1,0 +1,384 @@
+"""The parent's handle on a model worker: spawn, handshake, monitor, restart, shutdown.
+
+`ModelWorker` is what users hold. The live process, its sockets and the I/O thread sit in a `_Connection`
+that does not point back at the handle, so dropping the handle (re-running a notebook cell) lets a finalizer
+shut the process down; the same finalizer runs at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import multiprocessing as mp
+import queue
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import messages as m
+from . import worker_main
+from .engine_queue import EngineQueue
+from .errors import (
+    QueueFullError,
+    WorkerCrashedError,
+    WorkerHungError,
+    WorkerNotRunningError,
+    WorkerStartupError,
+)
+from .metrics import MetricsLog
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1  # I/O thread wake-up: bounds how late a death or hang is noticed
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class Sink:
+    """Where one request's responses land: a thread-safe queue, or an asyncio queue on the caller's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop
+        self.items: Any = asyncio.Queue() if loop else queue.SimpleQueue()
+
+    def put(self, item: object) -> None:
+        if self.loop is None:
+            self.items.put(item)
+        elif not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: m.GenerateRequest | m.EmbedRequest
+    sink: Sink
+
+
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "exit code unknown"
+    if exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}"
+
+
+class _Connection:
+    """One worker process, its EngineQueue and the I/O thread that routes responses and watches for death."""
+
+    def __init__(self, settings: Settings, log_dir: str, metrics: MetricsLog, on_hang: Callable[[], None]) -> None:
+        self.ipc_dir = tempfile.mkdtemp(prefix="tk-")  # mode 0700: only this user reaches the sockets
+        self.settings = settings.replace(ipc_dir=self.ipc_dir, log_dir=log_dir)
+        self.metrics = metrics
+        self.on_hang = on_hang
+        self.queue = EngineQueue.parent(self.ipc_dir)
+        ctx = mp.get_context("spawn")
+        self.process = ctx.Process(target=worker_main.run, args=(self.settings,), name="toolkit-worker", daemon=True)
+        self.pending: dict[str, _Pending] = {}
+        self.lock = threading.Lock()
+        self.state = WorkerState.STARTING
+        self.ready: m.Ready | None = None
+        self.last_heard = time.monotonic()
+        self.hung = False
+        self.closing = False
+        self.thread = threading.Thread(target=self._io_loop, name="toolkit-worker-io", daemon=True)
+
+    # ---- start-up -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.process.start()
+        try:
+            self.ready = self._handshake()
+        except BaseException:
+            self.close()
+            raise
+        self.state = WorkerState.READY
+        self.last_heard = time.monotonic()
+        self.thread.start()
+
+    def _handshake(self) -> m.Ready:
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            died = self.queue.poll(min(remaining, 1.0), extra_fds=(self.process.sentinel,))
+            for message in self.queue.drain():
+                if isinstance(message, m.Ready):
+                    return message
+                if isinstance(message, m.StartupFailed):
+                    raise WorkerStartupError(
+                        f"model worker failed to start: {message.error_type}: {message.message}",
+                        message.traceback,
+                        message.error_type,
+                    )
+            if died:
+                self.process.join(1)
+                raise WorkerStartupError(
+                    f"model worker exited before it was ready ({describe_exit(self.process.exitcode)})",
+                    _tail(Path(self.settings.log_dir or "", "worker.log")),
+                )
+        raise WorkerStartupError(f"model worker not ready after startup_timeout_s={self.settings.startup_timeout_s}")
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def submit(self, request: m.GenerateRequest | m.EmbedRequest, sink: Sink) -> None:
+        with self.lock:
+            self._check_serving()
+            if len(self.pending) >= self.settings.max_queue_size:
+                raise QueueFullError(f"{len(self.pending)} requests outstanding (max_queue_size)")
+            self.pending[request.request_id] = _Pending(request, sink)
+            self.queue.send_request(request)
+
+    def cancel(self, request_ids: list[str]) -> None:
+        if self.state is WorkerState.READY:
+            self.queue.send_control(m.Cancel(request_ids))
+
+    def _check_serving(self) -> None:
+        if self.state is WorkerState.FAILED:
+            raise WorkerCrashedError(
+                f"model worker {self.process.pid} is dead ({describe_exit(self.process.exitcode)}); call restart()",
+                self.process.exitcode,
+            )
+        if self.state is not WorkerState.READY:
+            raise WorkerNotRunningError(f"model worker is {self.state.value}")
+
+    # ---- the I/O thread -----------------------------------------------------------------------
+
+    def _io_loop(self) -> None:
+        sentinel = self.process.sentinel
+        while not self.closing:
+            died = self.queue.poll(POLL_S, extra_fds=(sentinel,))
+            for message in self.queue.drain():
+                self.last_heard = time.monotonic()
+                self._dispatch(message)
+            if died:
+                self._on_death()
+                return
+            self._check_hang()
+
+    def _dispatch(self, message: object) -> None:
+        if isinstance(message, m.StepOutput):
+            for delta in message.deltas:
+                self._route(delta.request_id, delta, final=delta.finish_reason is not None)
+            for failure in message.failures:
+                self._route(failure.request_id, failure, final=True)
+        elif isinstance(message, m.EmbedResult):
+            self._route(message.request_id, message, final=True)
+        elif isinstance(message, m.Metrics):
+            self.metrics.add(message)
+        else:
+            log.warning("unexpected message from the worker: %r", type(message).__name__)
+
+    def _route(self, request_id: str, item: object, *, final: bool) -> None:
+        with self.lock:
+            pending = self.pending.pop(request_id, None) if final else self.pending.get(request_id)
+        if pending is not None:
+            pending.sink.put(item)
+
+    def fail_pending(self, error: Exception) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, {}
+        for p in pending.values():
+            p.sink.put(error)
+
+    def _on_death(self) -> None:
+        if self.closing:
+            return
+        self.process.join(1)
+        self.state = WorkerState.FAILED
+        code = self.process.exitcode
+        n = len(self.pending)
+        log.error("model worker %s died (%s) with %d requests in flight", self.process.pid, describe_exit(code), n)
+        self.fail_pending(
+            WorkerCrashedError(f"model worker {self.process.pid} died ({describe_exit(code)}) mid-request", code)
+        )
+
+    def _check_hang(self) -> None:
+        silent = time.monotonic() - self.last_heard
+        if not self.pending or silent < self.settings.hang_timeout_s or self.hung:
+            return
+        self.hung = True
+        log.error("model worker %s silent for %.1f s with requests in flight", self.process.pid, silent)
+        self.fail_pending(
+            WorkerHungError(f"model worker {self.process.pid} sent nothing for {silent:.1f} s (hang_timeout_s)")
+        )
+        if self.settings.restart_on_hang:
+            self.on_hang()
+
+    # ---- shutdown -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Shutdown message -> join -> SIGTERM -> SIGKILL; then fail what is left and remove the sockets."""
+        if self.closing:
+            return
+        self.closing = True
+        grace = self.settings.shutdown_timeout_s
+        if self.process.pid is not None:
+            if self.process.is_alive():
+                self.queue.send_control(m.Shutdown())
+                self.process.join(grace)
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join(grace)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(2 * POLL_S + 1)
+        self.fail_pending(WorkerNotRunningError("the model worker was shut down while this request was in flight"))
+        if self.state is not WorkerState.FAILED:
+            self.state = WorkerState.STOPPED
+        self.queue.close()
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class ModelWorker:
+    """A model running in a spawned process. Use `start_model_worker(settings)` to get a started one."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.metrics = MetricsLog(self.settings.metrics_capacity)
+        self.restarts = 0
+        self._owns_log_dir = self.settings.log_dir is None
+        self.log_dir = self.settings.log_dir or tempfile.mkdtemp(prefix="toolkit-logs-")
+        self._conn: _Connection | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._restart_lock = threading.Lock()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> ModelWorker:
+        """Spawn the process and wait for Ready; raises WorkerStartupError with the child's traceback."""
+        if self._conn is not None and self._conn.state is WorkerState.READY:
+            return self
+        weak_self = weakref.ref(self)
+        conn = _Connection(self.settings, self.log_dir, self.metrics, lambda: _restart_later(weak_self))
+        conn.start()
+        self._conn = conn
+        log_dir = self.log_dir if self._owns_log_dir else None
+        self._finalizer = weakref.finalize(self, _finalize, conn, log_dir)
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the worker: message, join, SIGTERM, SIGKILL. Safe to call twice."""
+        if self._conn is not None:
+            self._conn.close()
+
+    def restart(self) -> ModelWorker:
+        """Stop whatever is running (dead, hung or fine) and start a fresh worker with the same settings."""
+        with self._restart_lock:
+            self.shutdown()
+            self._conn = None
+            self.start()
+            self.restarts += 1
+        return self
+
+    def __enter__(self) -> ModelWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    async def __aenter__(self) -> ModelWorker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.shutdown)
+
+    # ---- looking at it ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> WorkerState:
+        return self._conn.state if self._conn else WorkerState.STOPPED
+
+    @property
+    def pid(self) -> int | None:
+        return self._conn.process.pid if self._conn else None
+
+    @property
+    def info(self) -> m.Ready:
+        """What the worker said when it became ready: model, device, dtype, KV blocks, max model length."""
+        if self._conn is None or self._conn.ready is None:
+            raise WorkerNotRunningError("model worker is not started")
+        return self._conn.ready
+
+    def is_alive(self) -> bool:
+        return self._conn is not None and self._conn.state is WorkerState.READY and self._conn.process.is_alive()
+
+    def health(self) -> dict[str, Any]:
+        conn = self._conn
+        return {
+            "state": self.state.value,
+            "alive": self.is_alive(),
+            "pid": self.pid,
+            "heartbeat_age_s": time.monotonic() - conn.last_heard if conn else None,
+            "in_flight": len(conn.pending) if conn else 0,
+            "hung": bool(conn and conn.hung),
+            "restarts": self.restarts,
+        }
+
+    def logs(self, tail: int | None = None) -> str:
+        """The worker's log file (all starts of this handle), or its last `tail` lines."""
+        path = Path(self.log_dir, "worker.log")
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-tail:]) if tail else text
+
+    def __repr__(self) -> str:
+        return f"ModelWorker(model={self.settings.model!r}, state={self.state.value}, pid={self.pid})"
+
+    # ---- used by the pipelines ----------------------------------------------------------------
+
+    def submit(self, request: m.GenerateRequest | m.EmbedRequest, sink: Sink) -> None:
+        if self._conn is None:
+            raise WorkerNotRunningError("model worker is not started")
+        self._conn.submit(request, sink)
+
+    def cancel(self, request_ids: list[str]) -> None:
+        if self._conn is not None:
+            self._conn.cancel(request_ids)
+
+
+def _finalize(conn: _Connection, log_dir: str | None) -> None:
+    conn.close()
+    if log_dir:
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _restart_later(weak_worker: weakref.ref[ModelWorker]) -> None:
+    """restart_on_hang: restart from a fresh thread, never from the I/O thread that is about to be replaced."""
+
+    def restart() -> None:
+        worker = weak_worker()
+        if worker is not None:
+            worker.restart()
+
+    threading.Thread(target=restart, name="toolkit-worker-restart", daemon=True).start()
+
+
+def start_model_worker(settings: Settings | None = None, **overrides: Any) -> ModelWorker:
+    """Spawn a model worker and return once it is Ready. Works as a context manager (sync or async)."""
+    settings = settings or Settings()
+    if overrides:
+        settings = settings.replace(**overrides)
+    return ModelWorker(settings).start()
+
+
+__all__ = ["ModelWorker", "Sink", "WorkerState", "start_model_worker"]
