@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import messages as m
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
-from .errors import InvalidRequestError, RemoteError, ToolkitError
+from .errors import InvalidRequestError, RemoteError, RequestCancelledError, ToolkitError
 from .worker import ModelWorker, Sink
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
@@ -327,6 +327,8 @@ class EmbeddingsPipeline:
             raise item
         if isinstance(item, m.RequestFailed):
             raise remote_error(item)
+        if isinstance(item, m.TokenDelta):
+            raise RequestCancelledError(f"embedding request {request.request_id} was cancelled")
         vectors = np.frombuffer(item.vectors, dtype=np.float32).reshape(item.shape)
         return vectors[0] if single else vectors
 

@@ -1,0 +1,291 @@
+"""The embedding worker's engine: EmbeddingsScheduler batches queued texts, EmbeddingsEngine embeds them.
+
+The engine reproduces sentence-transformers' `encode` (Transformer -> Pooling -> Normalize, as the model dir's
+modules.json lists them) with plain transformers, so sentence-transformers is only a test dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from toolkit import models
+from toolkit.errors import ModelNotFoundError
+from toolkit.messages import EmbedRequest, EmbedResult, RequestMetrics, StepMetrics, TokenDelta
+from toolkit.settings import Settings
+
+_ST = "sentence_transformers.models."
+_SUPPORTED_MODULES = {_ST + "Transformer", _ST + "Pooling", _ST + "Normalize"}
+_POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens")  # concatenation order of ST
+
+
+# ---- scheduling (pure Python) ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class EmbedJob:
+    """One request's progress: texts are embedded in order, possibly across several steps."""
+
+    request_id: str
+    lengths: list[int]
+    arrival_time: float
+    next_index: int = 0
+    done: int = 0
+    first_scheduled: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self.lengths)
+
+
+@dataclass(slots=True)
+class EmbedItem:
+    """One text of one request, scheduled in a step."""
+
+    request_id: str
+    index: int
+    length: int
+
+
+@dataclass(slots=True)
+class EmbeddingsScheduler:
+    """FIFO over requests; a step takes texts until `max_batch_size` texts or the padded-token budget is reached.
+
+    The budget counts padded tokens (texts x longest text), what a padded forward really costs. A single text
+    longer than the budget still runs alone, so no request can starve.
+    """
+
+    max_batch_size: int
+    max_batch_tokens: int
+    jobs: deque[EmbedJob] = field(default_factory=deque)
+
+    def add(self, request_id: str, lengths: list[int], arrival_time: float = 0.0) -> None:
+        self.jobs.append(EmbedJob(request_id, list(lengths), arrival_time))
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.jobs)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.jobs)
+
+    def schedule(self) -> list[EmbedItem]:
+        """The texts of the next step, in request order then text order."""
+        items: list[EmbedItem] = []
+        longest = 0
+        for job in self.jobs:
+            while job.next_index < len(job.lengths) and len(items) < self.max_batch_size:
+                length = job.lengths[job.next_index]
+                if items and (len(items) + 1) * max(longest, length) > self.max_batch_tokens:
+                    return items
+                items.append(EmbedItem(job.request_id, job.next_index, length))
+                longest = max(longest, length)
+                job.next_index += 1
+                if job.first_scheduled is None:
+                    job.first_scheduled = time.time()
+            if len(items) >= self.max_batch_size:
+                break
+        return items
+
+    def complete(self, items: list[EmbedItem]) -> list[EmbedJob]:
+        """Mark scheduled texts done; the jobs whose every text is now done leave the queue (in order)."""
+        by_id = {job.request_id: job for job in self.jobs}
+        for item in items:
+            by_id[item.request_id].done += 1
+        finished = [job for job in self.jobs if job.finished]
+        self.jobs = deque(job for job in self.jobs if not job.finished)
+        return finished
+
+    def cancel(self, request_id: str) -> EmbedJob | None:
+        job = next((j for j in self.jobs if j.request_id == request_id), None)
+        if job is not None:
+            self.jobs.remove(job)
+        return job
+
+
+# ---- the sentence-transformers recipe ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRecipe:
+    """What sentence-transformers would do with this model dir: truncation length, pooling modes, normalisation."""
+
+    max_seq_length: int
+    pooling_modes: tuple[str, ...]
+    normalize: bool
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, model_max_length: int) -> EmbeddingRecipe:
+        root = Path(model_dir)
+        modules = _read_json(root / "modules.json", [{"type": _ST + "Transformer"}, {"type": _ST + "Pooling"}])
+        unsupported = sorted({m["type"] for m in modules} - _SUPPORTED_MODULES)
+        if unsupported:
+            raise ModelNotFoundError(f"{root}: unsupported sentence-transformers modules {unsupported}")
+        pooling_dir = next((m.get("path", "") for m in modules if m["type"] == _ST + "Pooling"), "1_Pooling")
+        pooling = _read_json(root / pooling_dir / "config.json", {"pooling_mode_mean_tokens": True})
+        modes = tuple(mode for mode in _POOLING_MODES if pooling.get(f"pooling_mode_{mode}"))
+        others = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v and k[13:] not in modes]
+        if others or not modes:
+            raise ModelNotFoundError(f"{root}: unsupported pooling {others or 'none'}")
+        bert_config = _read_json(root / "sentence_bert_config.json", {})
+        max_len = min(int(bert_config.get("max_seq_length") or model_max_length), model_max_length)
+        return cls(max_len, modes, any(m["type"] == _ST + "Normalize" for m in modules))
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[batch, tokens, dim] hidden states -> [batch, dim x modes], exactly as ST's Pooling (+ Normalize)."""
+        hidden, weights = hidden.float(), mask.unsqueeze(-1).float()
+        parts = []
+        for mode in self.pooling_modes:
+            if mode == "cls_token":
+                parts.append(hidden[:, 0])
+            elif mode == "max_tokens":
+                parts.append(hidden.masked_fill(weights == 0, -1e9).max(dim=1).values)
+            else:
+                summed, count = (hidden * weights).sum(dim=1), weights.sum(dim=1).clamp(min=1e-9)
+                parts.append(summed / (count if mode == "mean_tokens" else count.sqrt()))
+        pooled = torch.cat(parts, dim=1)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1) if self.normalize else pooled
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+# ---- the engine ----------------------------------------------------------------------------------------
+
+
+class EmbeddingsEngine:
+    """The embedding worker's engine: same loop interface as the generation Engine (add / step / cancel)."""
+
+    def __init__(self, settings: Settings, *, model: Any = None, tokenizer: Any = None) -> None:
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        spec = models.resolve(settings.model)
+        if model is None:
+            model, tokenizer = models.load(settings.model, settings.device, settings.dtype, settings.cache_dir)
+        self.settings, self.model, self.tokenizer = settings, model, tokenizer
+        weight = next(model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        model_limit = int(getattr(model.config, "max_position_embeddings", 512))
+        self.recipe = EmbeddingRecipe.from_dir(spec.source, min(model_limit, tokenizer.model_max_length))
+        self.scheduler = EmbeddingsScheduler(settings.max_batch_size, settings.max_batch_tokens)
+        self.start_time = time.time()
+        self._token_ids: dict[str, list[list[int]]] = {}
+        self._vectors: dict[str, list[np.ndarray | None]] = {}
+        self._finished: list[RequestMetrics] = []
+        self._process = psutil.Process()
+
+    def ready_info(self) -> dict[str, Any]:
+        """The fields of messages.Ready that the engine knows (all but pid, load time and tokenizer dir)."""
+        return {
+            "model": self.settings.model, "task": "embed", "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."), "num_kv_blocks": 0, "block_size": 0,
+            "max_model_len": self.recipe.max_seq_length, "vocab_size": int(self.model.config.vocab_size),
+            "eos_token_ids": [],
+        }
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model.config.hidden_size) * len(self.recipe.pooling_modes)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def add(self, request: EmbedRequest) -> None:
+        """Tokenize now (truncated like ST) so the scheduler can budget by real lengths."""
+        texts, limit = list(request.texts), self.recipe.max_seq_length
+        ids = self.tokenizer(texts, truncation=True, max_length=limit)["input_ids"] if texts else []
+        self._token_ids[request.request_id] = ids
+        self._vectors[request.request_id] = [None] * len(ids)
+        self.scheduler.add(request.request_id, [len(x) for x in ids], request.arrival_time or time.time())
+
+    def cancel(self, request_ids: Iterable[str]) -> list[TokenDelta]:
+        """Drop queued requests; a final "cancelled" delta for each, as the generation engine sends."""
+        deltas = []
+        for rid in request_ids:
+            job = self.scheduler.cancel(rid)
+            if job is not None:
+                self._forget(rid)
+                self._finished.append(_request_metrics(job, "cancelled"))
+                deltas.append(TokenDelta(rid, [], "cancelled"))
+        return deltas
+
+    def abort_all(self) -> list[str]:
+        """Forget every queued request (after a failed step); returns their ids."""
+        ids = [job.request_id for job in self.scheduler.jobs]
+        self.cancel(ids)
+        return ids
+
+    def step(self) -> tuple[list[EmbedResult], StepMetrics]:
+        """Embed one batch of texts; one EmbedResult per request whose last text was in it."""
+        started = time.perf_counter()
+        items = self.scheduler.schedule()
+        batch = [self._token_ids[item.request_id][item.index] for item in items]
+        vectors = self.embed_token_ids(batch)
+        forward_ms = (time.perf_counter() - started) * 1000
+        for item, vector in zip(items, vectors, strict=True):
+            self._vectors[item.request_id][item.index] = vector
+        results = [self._result(job) for job in self.scheduler.complete(items)]
+        metrics = self._step_metrics(items, forward_ms, (time.perf_counter() - started) * 1000)
+        return results, metrics
+
+    def embed_token_ids(self, batch: list[list[int]]) -> np.ndarray:
+        """One padded forward over the batch, then ST's pooling: float32 [len(batch), dim]."""
+        if not batch:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        longest = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([ids + [pad] * (longest - len(ids)) for ids in batch], device=self.device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in batch], device=self.device)
+        with torch.inference_mode():
+            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            pooled = self.recipe.pool(hidden, mask)
+        return pooled.cpu().numpy().astype(np.float32, copy=False)
+
+    def pop_request_metrics(self) -> list[RequestMetrics]:
+        """Timings of the requests finished since the last call."""
+        finished, self._finished = self._finished, []
+        return finished
+
+    def _result(self, job: EmbedJob) -> EmbedResult:
+        rows = self._vectors[job.request_id]
+        matrix = np.stack(rows) if rows else np.zeros((0, self.embedding_dim), dtype=np.float32)
+        self._forget(job.request_id)
+        self._finished.append(_request_metrics(job, "stop"))
+        return EmbedResult(job.request_id, np.ascontiguousarray(matrix, np.float32).tobytes(), matrix.shape)
+
+    def _forget(self, request_id: str) -> None:
+        self._token_ids.pop(request_id, None)
+        self._vectors.pop(request_id, None)
+
+    def _step_metrics(self, items: list[EmbedItem], forward_ms: float, step_ms: float) -> StepMetrics:
+        on_cuda = self.device.type == "cuda"
+        return StepMetrics(
+            t=time.time() - self.start_time, kind="embed", batch_size=len(items),
+            prefill_tokens=sum(item.length for item in items), decode_tokens=0, step_ms=step_ms,
+            forward_ms=forward_ms, num_waiting=self.scheduler.num_waiting, num_running=0, kv_blocks_used=0,
+            kv_blocks_total=0, preemptions=0, rss_bytes=self._process.memory_info().rss,
+            device_mem_bytes=torch.cuda.memory_allocated(self.device) if on_cuda else 0,
+        )
+
+
+def _request_metrics(job: EmbedJob, finish_reason: str) -> RequestMetrics:
+    """An embedding arrives all at once: time to first output is the end-to-end time."""
+    now = time.time()
+    queued = math.nan if job.first_scheduled is None else job.first_scheduled - job.arrival_time
+    return RequestMetrics(
+        request_id=job.request_id, prompt_tokens=sum(job.lengths), output_tokens=0, queued_s=queued,
+        ttft_s=now - job.arrival_time, itl_mean_s=math.nan, e2e_s=now - job.arrival_time, finish_reason=finish_reason,
+    )

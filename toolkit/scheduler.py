@@ -1,0 +1,303 @@
+"""Continuous batching, vLLM V1 style: who runs this step, and how many of their tokens (pure Python, no torch).
+
+One rule covers prefill, chunked prefill, decode and recompute: every running sequence moves `num_computed_tokens`
+toward `num_tokens`, within a per-step token budget and sequence cap; running sequences first (oldest first), then
+waiting ones (FIFO). When KV blocks run out the newest running sequence is preempted and later recomputed from its
+prompt plus outputs. The oldest running sequence can always preempt everyone else, so every request makes progress.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from toolkit.errors import InvalidRequestError
+from toolkit.kv_cache import BlockManager
+from toolkit.messages import GenerateRequest
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class Sequence:
+    """One request's state inside the worker: its tokens, how many have K/V in the cache, and its blocks."""
+
+    request: GenerateRequest
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # time.time() values, for telemetry
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    itl_sum: float = 0.0  # sum of the gaps between consecutive output tokens
+    finish_time: float | None = None
+
+    @classmethod
+    def from_request(cls, req: GenerateRequest) -> Sequence:
+        return cls(request=req, token_ids=list(req.prompt_token_ids), num_prompt_tokens=len(req.prompt_token_ids))
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def itl_mean(self) -> float:
+        """Mean inter-token latency in seconds (0.0 with fewer than two output tokens)."""
+        return self.itl_sum / (self.num_output_tokens - 1) if self.num_output_tokens > 1 else 0.0
+
+    def append_token(self, token_id: int, now: float) -> None:
+        if self.last_token_time is None:
+            self.first_token_time = now
+        else:
+            self.itl_sum += now - self.last_token_time
+        self.last_token_time = now
+        self.token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"{self.request_id}: {self.status.value}, {self.num_computed_tokens}/{self.num_tokens} tokens computed "
+                f"({self.num_prompt_tokens} prompt + {self.num_output_tokens} out), blocks {self.block_table}")
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """This step computes `seq.token_ids[start:start+num_tokens]` at positions `start .. start+num_tokens-1`."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    seq_len: int = -1  # seq.num_tokens when scheduled, so the properties below still hold after `update`
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 0:
+            self.seq_len = self.seq.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """This step reaches the sequence's last token, so it yields a new one."""
+        return self.start + self.num_tokens == self.seq_len
+
+    @property
+    def is_prefill(self) -> bool:
+        """Anything but a plain decode (exactly the last token, past the prompt): prompt chunks and recomputes."""
+        return not (self.num_tokens == 1 and self.samples and self.start >= self.seq.num_prompt_tokens)
+
+    def __repr__(self) -> str:
+        kind = "prefill" if self.is_prefill else "decode"
+        return f"{self.seq.request_id}[{self.start}:{self.start + self.num_tokens}/{self.seq_len} {kind}]"
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's batch: decodes first, then prefills (the last of which may be a chunk)."""
+
+    scheduled: list[ScheduledSequence]
+    preempted: list[str]
+    num_prefill_tokens: int
+    num_decode_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    @property
+    def kind(self) -> str:
+        if self.num_prefill_tokens and self.num_decode_tokens:
+            return "mixed"
+        return "prefill" if self.num_prefill_tokens else "decode"
+
+    def __repr__(self) -> str:
+        preempted = f", preempted {self.preempted}" if self.preempted else ""
+        return (f"SchedulerOutput({self.kind}: {len(self.scheduled)} seqs, {self.num_prefill_tokens} prefill + "
+                f"{self.num_decode_tokens} decode tokens{preempted}: {self.scheduled})")
+
+
+class TokenGenerationScheduler:
+    """Decides each step's batch and applies its sampled tokens; owns the waiting and running queues."""
+
+    def __init__(self, blocks: BlockManager, *, max_batch_size: int, max_batch_tokens: int, max_model_len: int,
+                 eos_token_ids: Iterable[int]) -> None:
+        if max_batch_size < 1 or max_batch_tokens < 1 or max_model_len < 2:
+            raise ValueError("need max_batch_size >= 1, max_batch_tokens >= 1 and max_model_len >= 2")
+        self.blocks = blocks
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest admitted first; the newest is the preemption victim
+        self.total_preemptions = 0
+        self._active: dict[str, Sequence] = {}
+
+    def add(self, request: GenerateRequest) -> Sequence:
+        """Queue a request, refusing ones that could never run rather than letting them wait forever."""
+        self._validate(request)
+        seq = Sequence.from_request(request)
+        self.waiting.append(seq)
+        self._active[seq.request_id] = seq
+        return seq
+
+    def _validate(self, request: GenerateRequest) -> None:
+        n, cache = len(request.prompt_token_ids), self.blocks
+        checks = [
+            (request.request_id in self._active, "its id is already in use"),
+            (n == 0, "the prompt is empty"),
+            (request.max_new_tokens < 1, f"max_new_tokens must be >= 1, got {request.max_new_tokens}"),
+            (n >= self.max_model_len, f"a prompt of {n} tokens is not below max_model_len={self.max_model_len}"),
+            (n > cache.capacity_tokens, f"a prompt of {n} tokens exceeds the KV cache of {cache.capacity_tokens} "
+             f"tokens ({cache.num_blocks} blocks of {cache.block_size})"),
+        ]
+        for failed, problem in checks:
+            if failed:
+                raise InvalidRequestError(f"request {request.request_id!r}: {problem}")
+
+    def cancel(self, request_id: str) -> Sequence | None:
+        """Drop a waiting or running request now, freeing its blocks; None if it is unknown or already done."""
+        seq = self._active.get(request_id)
+        if seq is None:
+            return None
+        (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
+        self._finish(seq, "cancelled")
+        return seq
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._active.get(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's batch: running sequences first, then admit waiting ones if nothing was preempted."""
+        scheduled: list[ScheduledSequence] = []
+        preempted: list[str] = []
+        budget = self._schedule_running(scheduled, preempted, self.max_batch_tokens)
+        if not preempted:
+            self._admit_waiting(scheduled, budget)
+        decodes = [s for s in scheduled if not s.is_prefill]
+        prefills = [s for s in scheduled if s.is_prefill]
+        return SchedulerOutput(decodes + prefills, preempted, sum(s.num_tokens for s in prefills), len(decodes))
+
+    def _schedule_running(self, scheduled: list[ScheduledSequence], preempted: list[str], budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0 and len(scheduled) < self.max_batch_size:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._make_room(seq, n, preempted):
+                break  # seq was the newest and preempted itself
+            scheduled.append(self._take(seq, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[str]) -> bool:
+        """Preempt the newest running sequences until `seq` has blocks; False if `seq` itself had to go."""
+        while not self.blocks.can_allocate(seq, num_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit_waiting(self, scheduled: list[ScheduledSequence], budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.can_allocate(seq, n):
+                break  # FIFO: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.time()
+            self.running.append(seq)
+            scheduled.append(self._take(seq, n))
+            budget -= n
+
+    def _take(self, seq: Sequence, num_tokens: int) -> ScheduledSequence:
+        self.blocks.allocate(seq, num_tokens)
+        return ScheduledSequence(seq, seq.num_computed_tokens, num_tokens)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free the blocks and requeue at the front; outputs stay in token_ids, so recompute loses nothing."""
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.total_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """Apply a step's results: advance computed tokens, append samples, finish; returns the finished."""
+        now = time.time()
+        finished: list[Sequence] = []
+        for s in output.scheduled:
+            seq = s.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # cancelled after it was scheduled
+            seq.num_computed_tokens += s.num_tokens
+            if not s.samples:
+                continue
+            seq.append_token(sampled[seq.request_id], now)
+            reason = self._finish_reason(seq)
+            if reason is not None:
+                self._finish(seq, reason, now)
+                finished.append(seq)
+        if finished:
+            self.running = [seq for seq in self.running if seq.status is SequenceStatus.RUNNING]
+        return finished
+
+    def _finish_reason(self, seq: Sequence) -> str | None:
+        """Why `seq` stops after its newest token, if it does; past the cache's capacity it could never grow."""
+        token, req = seq.token_ids[-1], seq.request
+        if (token in self.eos_token_ids and not req.ignore_eos) or token in req.stop_token_ids:
+            return "stop"
+        too_long = seq.num_tokens >= self.max_model_len or seq.num_tokens > self.blocks.capacity_tokens
+        return "length" if too_long or seq.num_output_tokens >= req.max_new_tokens else None
+
+    def _finish(self, seq: Sequence, reason: str, now: float | None = None) -> None:
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finish_time = time.time() if now is None else now
+        del self._active[seq.request_id]
+
+    def __repr__(self) -> str:
+        """The queues at a glance for a notebook; only the first 10 waiting are listed."""
+        lines = [f"TokenGenerationScheduler(running {len(self.running)}/{self.max_batch_size}, "
+                 f"waiting {len(self.waiting)}, {self.blocks.num_used_blocks}/{self.blocks.num_blocks} blocks used, "
+                 f"budget {self.max_batch_tokens} tokens/step, {self.total_preemptions} preemptions)"]
+        lines += [f"  running {seq}" for seq in self.running]
+        lines += [f"  waiting {seq}" for seq in itertools.islice(self.waiting, 10)]
+        return "\n".join(lines)
