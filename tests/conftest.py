@@ -36,7 +36,8 @@ def no_orphan_processes() -> Iterator[None]:
     """Fails the run if any child process of the test session is still alive at the end."""
     yield
     me = psutil.Process(os.getpid())
-    _gone, alive = psutil.wait_procs(me.children(recursive=True), timeout=10)
+    children = [p for p in me.children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+    _gone, alive = psutil.wait_procs(children, timeout=10)
     leftovers = [f"{p.pid} {p.name()}" for p in alive]
     for p in alive:
         p.kill()
