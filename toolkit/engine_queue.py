@@ -1,8 +1,9 @@
 """EngineQueue: the ZMQ sockets between the parent and the worker, one class for both ends.
 
 Three one-way PUSH/PULL channels on ipc:// paths inside a private (0700) directory: requests and control
-(parent -> worker) and responses (worker -> parent). The parent binds, the worker connects. Every frame is one
-msgpack-encoded msgspec Struct from `toolkit.messages`; a frame that does not decode is logged and dropped.
+(parent -> worker) and responses (worker -> parent). A request's Cancel rides the requests channel, so it can never
+overtake its request; control carries Shutdown, read first. The parent binds, the worker connects. Every frame is
+one msgpack-encoded msgspec Struct from `toolkit.messages`; a frame that does not decode is logged and dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .messages import FromWorker, ToWorker
 log = logging.getLogger(__name__)
 
 CHANNELS = ("requests", "control", "responses")
+SEND_TIMEOUT_MS = 1000  # a bound PUSH socket with no peer blocks on send: the worker has gone (or is going)
 
 
 def endpoint(ipc_dir: str | os.PathLike[str], channel: str) -> str:
@@ -35,7 +37,7 @@ class EngineQueue:
         self.ipc_dir = ipc_dir
         self.is_parent = is_parent
         self._ctx = zmq.Context()
-        self._send_lock = threading.Lock()  # zmq sockets are not thread-safe; user threads send concurrently
+        self._send_lock = threading.RLock()  # zmq sockets are not thread-safe; RLock: a GC'd stream may cancel mid-send
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(ToWorker if not is_parent else FromWorker)
         out_type, in_type = (zmq.PUSH, zmq.PULL)
@@ -64,6 +66,7 @@ class EngineQueue:
         sock.setsockopt(zmq.LINGER, 0 if self.is_parent else 2000)
         sock.setsockopt(zmq.SNDHWM, 0)  # admission is bounded by max_queue_size, not by dropping frames
         sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
         if bind:
             sock.bind(endpoint(self.ipc_dir, channel))
         else:
@@ -75,19 +78,25 @@ class EngineQueue:
 
     # ---- sending ------------------------------------------------------------------------------
 
-    def send(self, sock: zmq.Socket, message: msgspec.Struct) -> None:
+    def send(self, sock: zmq.Socket, message: msgspec.Struct) -> bool:
+        """Queue one message; False if nobody has been listening for SEND_TIMEOUT_MS (the peer is gone)."""
         data = self._encoder.encode(message)
         with self._send_lock:
-            sock.send(data, copy=False)
+            try:
+                sock.send(data, copy=False)
+            except zmq.Again:
+                log.info("dropped a %s: the other side is not connected", type(message).__name__)
+                return False
+        return True
 
-    def send_request(self, message: msgspec.Struct) -> None:
-        self.send(self.requests, message)
+    def send_request(self, message: msgspec.Struct) -> bool:
+        return self.send(self.requests, message)
 
-    def send_control(self, message: msgspec.Struct) -> None:
-        self.send(self.control, message)
+    def send_control(self, message: msgspec.Struct) -> bool:
+        return self.send(self.control, message)
 
-    def send_response(self, message: msgspec.Struct) -> None:
-        self.send(self.responses, message)
+    def send_response(self, message: msgspec.Struct) -> bool:
+        return self.send(self.responses, message)
 
     # ---- receiving ----------------------------------------------------------------------------
 
@@ -115,9 +124,10 @@ class EngineQueue:
                 except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                     log.warning("dropped a corrupt or foreign message (%d bytes): %s", len(frame.buffer), exc)
 
-    def close(self) -> None:
+    def close(self, linger_ms: int | None = None) -> None:
+        """Close the sockets; `linger_ms` overrides how long unsent frames may still go out (0: drop them)."""
         for sock in (self.requests, self.control, self.responses):
-            sock.close()
+            sock.close(linger=linger_ms)
         self._ctx.term()
         if self.is_parent:
             for channel in CHANNELS:

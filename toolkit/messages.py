@@ -146,6 +146,7 @@ class Metrics(msgspec.Struct, tag=True):
     busy: bool
     steps: list[StepMetrics] = []
     requests: list[RequestMetrics] = []
+    kv_blocks_used: int = 0  # now, not at the last step: an idle worker reporting > 0 has leaked blocks
 
 
 ToWorker = GenerateRequest | EmbedRequest | Cancel | Shutdown

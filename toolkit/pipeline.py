@@ -240,8 +240,9 @@ class RequestStream:
         piece = self.detok.add(item.token_ids) + (self.detok.flush() if final else "")
         if self.stops is not None:
             piece = self.stops.feed(piece, final)
-            if self.stops.stopped and not final:
-                self.pipe.worker.cancel([self.request_id])
+            if self.stops.stopped:  # a stop string wins over "length", even on the last delta
+                if not final:
+                    self.pipe.worker.cancel([self.request_id])
                 final, item = True, m.TokenDelta(item.request_id, item.token_ids, "stop")
         if final:
             self.done = True
@@ -322,7 +323,11 @@ class EmbeddingsPipeline:
         sink = Sink()
         request = m.EmbedRequest(new_request_id(), batch, time.time())
         self.worker.submit(request, sink)
-        item = sink.items.get(timeout=timeout_s)
+        try:
+            item = sink.items.get(timeout=timeout_s)
+        except BaseException:  # Ctrl-C or timeout: nobody will read the vectors
+            self.worker.cancel([request.request_id])
+            raise
         if isinstance(item, BaseException):
             raise item
         if isinstance(item, m.RequestFailed):

@@ -8,6 +8,7 @@ shut the process down; the same finalizer runs at interpreter exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import multiprocessing as mp
@@ -26,13 +27,7 @@ from typing import Any
 from . import messages as m
 from . import worker_main
 from .engine_queue import EngineQueue
-from .errors import (
-    QueueFullError,
-    WorkerCrashedError,
-    WorkerHungError,
-    WorkerNotRunningError,
-    WorkerStartupError,
-)
+from .errors import QueueFullError, WorkerCrashedError, WorkerHungError, WorkerNotRunningError, WorkerStartupError
 from .metrics import MetricsLog
 from .settings import Settings
 
@@ -58,8 +53,9 @@ class Sink:
     def put(self, item: object) -> None:
         if self.loop is None:
             self.items.put(item)
-        elif not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+        else:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is listening any more
+                self.loop.call_soon_threadsafe(self.items.put_nowait, item)
 
 
 @dataclass(slots=True)
@@ -88,10 +84,11 @@ class _Connection:
         ctx = mp.get_context("spawn")
         self.process = ctx.Process(target=worker_main.run, args=(self.settings,), name="toolkit-worker", daemon=True)
         self.pending: dict[str, _Pending] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: a dropped stream's __del__ may cancel from inside a locked section
         self.state = WorkerState.STARTING
         self.ready: m.Ready | None = None
         self.last_heard = time.monotonic()
+        self.last_metrics: m.Metrics | None = None  # the latest heartbeat: busy, KV blocks in use now
         self.hung = False
         self.closing = False
         self.thread = threading.Thread(target=self._io_loop, name="toolkit-worker-io", daemon=True)
@@ -133,7 +130,7 @@ class _Connection:
     # ---- requests -----------------------------------------------------------------------------
 
     def submit(self, request: m.GenerateRequest | m.EmbedRequest, sink: Sink) -> None:
-        with self.lock:
+        with self.lock:  # held with close() and fail_pending(): a request is either refused or sure to get an answer
             self._check_serving()
             if len(self.pending) >= self.settings.max_queue_size:
                 raise QueueFullError(f"{len(self.pending)} requests outstanding (max_queue_size)")
@@ -141,8 +138,10 @@ class _Connection:
             self.queue.send_request(request)
 
     def cancel(self, request_ids: list[str]) -> None:
-        if self.state is WorkerState.READY:
-            self.queue.send_control(m.Cancel(request_ids))
+        """On the requests channel, behind the request itself, so a cancel never reaches the worker first."""
+        with self.lock:
+            if self.state is WorkerState.READY and not self.closing:
+                self.queue.send_request(m.Cancel(request_ids))
 
     def _check_serving(self) -> None:
         if self.state is WorkerState.FAILED:
@@ -150,8 +149,11 @@ class _Connection:
                 f"model worker {self.process.pid} is dead ({describe_exit(self.process.exitcode)}); call restart()",
                 self.process.exitcode,
             )
-        if self.state is not WorkerState.READY:
-            raise WorkerNotRunningError(f"model worker is {self.state.value}")
+        if self.closing or self.state is not WorkerState.READY:
+            state = "shutting down" if self.closing else self.state.value
+            raise WorkerNotRunningError(f"model worker is {state}")
+        if self.hung:
+            raise WorkerHungError(f"model worker {self.process.pid} is not responding (hang_timeout_s); call restart()")
 
     # ---- the I/O thread -----------------------------------------------------------------------
 
@@ -161,7 +163,11 @@ class _Connection:
             died = self.queue.poll(POLL_S, extra_fds=(sentinel,))
             for message in self.queue.drain():
                 self.last_heard = time.monotonic()
-                self._dispatch(message)
+                self.hung = False  # it speaks again: a slow step, not a dead loop
+                try:
+                    self._dispatch(message)
+                except Exception:  # one bad message must not take down the thread every request depends on
+                    log.exception("could not route %s from the worker", type(message).__name__)
             if died:
                 self._on_death()
                 return
@@ -176,6 +182,7 @@ class _Connection:
         elif isinstance(message, m.EmbedResult):
             self._route(message.request_id, message, final=True)
         elif isinstance(message, m.Metrics):
+            self.last_metrics = message
             self.metrics.add(message)
         else:
             log.warning("unexpected message from the worker: %r", type(message).__name__)
@@ -186,11 +193,13 @@ class _Connection:
         if pending is not None:
             pending.sink.put(item)
 
-    def fail_pending(self, error: Exception) -> None:
+    def fail_pending(self, error: Exception) -> list[str]:
+        """Hand `error` to every outstanding request; returns their ids."""
         with self.lock:
             pending, self.pending = self.pending, {}
         for p in pending.values():
             p.sink.put(error)
+        return list(pending)
 
     def _on_death(self) -> None:
         if self.closing:
@@ -208,11 +217,13 @@ class _Connection:
         silent = time.monotonic() - self.last_heard
         if not self.pending or silent < self.settings.hang_timeout_s or self.hung:
             return
-        self.hung = True
         log.error("model worker %s silent for %.1f s with requests in flight", self.process.pid, silent)
-        self.fail_pending(
+        with self.lock:
+            self.hung = True  # under the lock: no request slips in between the failing and the refusing
+        failed = self.fail_pending(
             WorkerHungError(f"model worker {self.process.pid} sent nothing for {silent:.1f} s (hang_timeout_s)")
         )
+        self.queue.send_request(m.Cancel(failed))  # if it ever wakes, it drops work nobody waits for
         if self.settings.restart_on_hang:
             self.on_hang()
 
@@ -220,9 +231,10 @@ class _Connection:
 
     def close(self) -> None:
         """Shutdown message -> join -> SIGTERM -> SIGKILL; then fail what is left and remove the sockets."""
-        if self.closing:
-            return
-        self.closing = True
+        with self.lock:
+            if self.closing:
+                return
+            self.closing = True  # from here on submit() refuses, so the fail_pending below is the last word
         grace = self.settings.shutdown_timeout_s
         if self.process.pid is not None:
             if self.process.is_alive():
@@ -237,9 +249,10 @@ class _Connection:
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(2 * POLL_S + 1)
         self.fail_pending(WorkerNotRunningError("the model worker was shut down while this request was in flight"))
-        if self.state is not WorkerState.FAILED:
-            self.state = WorkerState.STOPPED
-        self.queue.close()
+        with self.lock:
+            if self.state is not WorkerState.FAILED:
+                self.state = WorkerState.STOPPED
+            self.queue.close()
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
@@ -286,8 +299,9 @@ class ModelWorker:
         """Stop whatever is running (dead, hung or fine) and start a fresh worker with the same settings."""
         with self._restart_lock:
             self.shutdown()
-            self._conn = None
-            self.start()
+            if self._finalizer is not None:
+                self._finalizer.detach()  # the old connection is closed; let it be collected
+            self.start()  # until it returns, the old (closed) connection answers callers with a clear error
             self.restarts += 1
         return self
 
@@ -314,6 +328,11 @@ class ModelWorker:
         return self._conn.process.pid if self._conn else None
 
     @property
+    def ipc_dir(self) -> str | None:
+        """The private (0700) directory of this worker's ipc sockets."""
+        return self._conn.ipc_dir if self._conn else None
+
+    @property
     def info(self) -> m.Ready:
         """What the worker said when it became ready: model, device, dtype, KV blocks, max model length."""
         if self._conn is None or self._conn.ready is None:
@@ -325,6 +344,7 @@ class ModelWorker:
 
     def health(self) -> dict[str, Any]:
         conn = self._conn
+        beat = conn.last_metrics if conn else None
         return {
             "state": self.state.value,
             "alive": self.is_alive(),
@@ -332,6 +352,8 @@ class ModelWorker:
             "heartbeat_age_s": time.monotonic() - conn.last_heard if conn else None,
             "in_flight": len(conn.pending) if conn else 0,
             "hung": bool(conn and conn.hung),
+            "busy": beat.busy if beat else None,
+            "kv_blocks_used": beat.kv_blocks_used if beat else None,  # as of the last heartbeat
             "restarts": self.restarts,
         }
 

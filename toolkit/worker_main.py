@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -36,14 +37,24 @@ def run(settings: Settings) -> None:
         log.exception("model load failed")
         queue.send_response(m.StartupFailed(type(exc).__name__, str(exc), traceback.format_exc()))
         queue.close()
-        sys.exit(1)
+        _exit(1)
     queue.send_response(ready)
     log.info("ready: %s", ready)
+    loop = WorkerLoop(engine, queue, settings, parent_pid)
     try:
-        WorkerLoop(engine, queue, settings, parent_pid).run()
+        loop.run()
     finally:
-        queue.close()
+        queue.close(linger_ms=0 if loop.orphaned else None)
+    if loop.orphaned:  # nobody is left to remove our sockets and saved tokenizer: the dir was made for us alone
+        shutil.rmtree(settings.ipc_dir, ignore_errors=True)
     log.info("worker stopped")
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Skip interpreter teardown: seconds with torch loaded, and nothing is left to free once the logs are flushed."""
+    logging.shutdown()
+    os._exit(code)
 
 
 def _load(settings: Settings) -> tuple[Any, m.Ready]:
@@ -79,6 +90,7 @@ class WorkerLoop:
         self.settings = settings
         self.parent_pid = parent_pid
         self.stopping = False
+        self.orphaned = False  # the parent died: exit at once, deliver nothing
         self.pending_steps: list[m.StepMetrics] = []
         self.last_metrics = 0.0
 
@@ -88,8 +100,9 @@ class WorkerLoop:
             self.queue.poll(0 if busy else IDLE_POLL_S)
             for message in self.queue.drain():
                 self.handle(message)
-            if os.getppid() != self.parent_pid:
+            if os.getppid() != self.parent_pid:  # checked every step when busy, every IDLE_POLL_S when idle
                 log.warning("parent %d is gone; exiting", self.parent_pid)
+                self.orphaned = True
                 return
             if self.engine.has_work and not self.stopping:
                 self.step()
@@ -139,7 +152,11 @@ class WorkerLoop:
         if now - self.last_metrics < interval:
             return
         requests = self.engine.pop_request_metrics()
-        self.queue.send_response(m.Metrics(sent_at=now, busy=busy, steps=self.pending_steps, requests=requests))
+        blocks = getattr(self.engine, "blocks", None)  # the generate engine's BlockManager; embeddings have none
+        used = blocks.num_used_blocks if blocks is not None else 0
+        self.queue.send_response(
+            m.Metrics(sent_at=now, busy=busy, steps=self.pending_steps, requests=requests, kv_blocks_used=used)
+        )
         self.pending_steps = []
         self.last_metrics = now
 

@@ -1,0 +1,151 @@
+"""The benchmark harness: every system, the workloads, the drivers and the metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+
+from toolkit import models
+from toolkit.bench import SYSTEMS, main
+from toolkit.bench.drivers import drive_async, drive_steps
+from toolkit.bench.records import RequestRecord, SystemRun
+from toolkit.bench.stats import METRICS, latencies, summarize
+from toolkit.bench.workloads import BenchRequest, allowed_token_ids, build_workload, parse_range, poisson_arrivals
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return models.load_tokenizer("tiny-random-llama")
+
+
+@pytest.mark.timeout(240)
+def test_every_system_produces_the_requested_tokens_and_the_json_has_every_metric(tmp_path) -> None:
+    argv = ["--model", "tiny-random-llama", "--num-requests", "4", "--input-len", "8:40", "--output-len", "3:12",
+            "--sequential-limit", "0", "--kv-cache-gib", "0.02", "--threads", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "random-offline-float32.json").read_text())
+    assert (tmp_path / "random-offline-float32.png").stat().st_size > 10_000
+    assert "| toolkit |" in (tmp_path / "random-offline-float32.md").read_text()
+    assert list(data["systems"]) == list(SYSTEMS)
+    expected = data["workload"]["output_tokens"]
+    for name, summary in data["systems"].items():
+        assert summary["error"] is None, name
+        assert set(METRICS) <= set(summary), (name, set(METRICS) - set(summary))
+        assert summary["exact_token_counts"] is True, name
+        assert summary["requests"] == summary["completed"] == 4, name
+        assert summary["output_tokens"] == summary["expected_output_tokens"] == expected, name
+        assert summary["output_tok_s"] > 0 and summary["ttft_p99_ms"] >= summary["ttft_p50_ms"] > 0, name
+        assert 1 <= summary["batch_peak"] <= 4 and summary["peak_rss_mib"] > 50, name
+        assert 0 < summary["roofline_frac"] < 5, name
+    assert data["systems"]["hf-sequential"]["batch_peak"] == 1
+    assert data["machine"]["gemm_gflops"] > 0
+
+
+def test_random_workload_is_seeded_within_ranges_and_avoids_special_tokens(tokenizer) -> None:
+    a = build_workload(tokenizer, "random", 50, (16, 64), (8, 32), seed=3)
+    b = build_workload(tokenizer, "random", 50, (16, 64), (8, 32), seed=3)
+    c = build_workload(tokenizer, "random", 50, (16, 64), (8, 32), seed=4)
+    assert [r.prompt_ids for r in a] == [r.prompt_ids for r in b]
+    assert [r.prompt_ids for r in a] != [r.prompt_ids for r in c]
+    assert all(16 <= len(r.prompt_ids) <= 64 and 8 <= r.output_len <= 32 for r in a)
+    assert {len(r.prompt_ids) for r in a} != {16} and all(r.arrival_s == 0 for r in a)
+    special = set(tokenizer.all_special_ids)
+    assert special and not special & {t for r in a for t in r.prompt_ids}
+    assert len(allowed_token_ids(tokenizer)) == tokenizer.vocab_size - len(special)
+
+
+def test_chat_workload_goes_through_the_chat_template(tokenizer) -> None:
+    requests = build_workload(tokenizer, "chat", 3, (1, 1), (5, 5), seed=0)
+    text = tokenizer.decode(requests[0].prompt_ids)
+    assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
+    assert [r.output_len for r in requests] == [5, 5, 5]
+
+
+def test_poisson_arrivals_have_the_requested_rate() -> None:
+    arrivals = poisson_arrivals(4000, 8.0, seed=0)
+    gaps = np.diff(arrivals)
+    assert arrivals[0] == 0 and (gaps > 0).all()
+    assert abs(gaps.mean() - 1 / 8) < 0.01 and abs(gaps.std() - 1 / 8) < 0.015  # exponential: std == mean
+    assert poisson_arrivals(3, math.inf, seed=0) == [0.0, 0.0, 0.0]
+    assert parse_range("16:256") == (16, 256) and parse_range("7") == (7, 7)
+    with pytest.raises(ValueError):
+        parse_range("9:3")
+
+
+def test_latencies_follow_vllm_definitions() -> None:
+    record = RequestRecord(0, prompt_len=10, output_len=4, sent_at=1.0)
+    for t, n in ((1.5, 1), (1.7, 2), (2.0, 1)):
+        record.add_chunk(n, t)
+    record.done = True
+    lat = latencies([record])
+    assert lat["ttft"] == [pytest.approx(0.5)] and lat["e2e"] == [pytest.approx(1.0)]
+    assert lat["tpot"] == [pytest.approx(0.5 / 3)]
+    assert lat["itl"] == pytest.approx([0.2, 0.3])
+    run = SystemRun("x", records=[record], started_at=1.0, batch_sizes=[1, 3, 2])
+    summary = summarize(run, {"num_params": 100, "lm_head_params": 40, "gemm_gflops": 1e-6})
+    assert summary["exact_token_counts"] and summary["output_tok_s"] == pytest.approx(4.0)
+    assert summary["total_tok_s"] == pytest.approx(14.0) and summary["batch_peak"] == 3
+    assert summary["achieved_gflops"] == pytest.approx((2 * 100 * 4 + 2 * 60 * 10) / 1e9)
+    short = SystemRun("y", records=[RequestRecord(0, 10, 5, 0.0, [0.1], [4], True)], started_at=0.0)
+    assert summarize(short, {})["exact_token_counts"] is False
+
+
+class FakeStepper:
+    """Each step gives one token to every request in flight; remembers the most ever in flight."""
+
+    def __init__(self) -> None:
+        self.active: list[tuple[BenchRequest, RequestRecord]] = []
+        self.peak = 0
+
+    def add(self, request: BenchRequest, record: RequestRecord) -> None:
+        self.active.append((request, record))
+        self.peak = max(self.peak, len(self.active))
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.active)
+
+    def step(self) -> None:
+        time.sleep(0.002)
+        for _, record in self.active:
+            record.add_chunk(1)
+            record.done = record.num_tokens == record.output_len
+        self.active = [(q, r) for q, r in self.active if not r.done]
+
+
+@pytest.mark.timeout(30)
+def test_step_driver_honours_arrivals_and_max_concurrency() -> None:
+    requests = [BenchRequest(i, [1, 2, 3], 10, arrival_s=0.004 * i) for i in range(6)]
+    stepper = FakeStepper()
+    records, started = drive_steps(stepper, requests, max_concurrency=2, desc="fake")
+    assert stepper.peak == 2 and all(r.num_tokens == 10 and r.done for r in records)
+    assert all(r.sent_at - started >= q.arrival_s for q, r in zip(requests, records, strict=True))
+
+
+class FakeStreamer:
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.peak = 0
+
+    async def stream(self, request: BenchRequest):
+        import asyncio
+
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        for _ in range(request.output_len):
+            await asyncio.sleep(0.002)
+            yield 1
+        self.in_flight -= 1
+
+
+@pytest.mark.timeout(30)
+def test_async_driver_honours_arrivals_and_max_concurrency() -> None:
+    requests = [BenchRequest(i, [1], 10, arrival_s=0.004 * i) for i in range(8)]
+    streamer = FakeStreamer()
+    records, started = drive_async(streamer, requests, max_concurrency=3, desc="fake")
+    assert streamer.peak == 3 and all(r.num_tokens == 10 and r.done for r in records)
+    assert all(r.sent_at - started >= q.arrival_s for q, r in zip(requests, records, strict=True))

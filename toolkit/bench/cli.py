@@ -1,0 +1,156 @@
+"""`python -m toolkit bench`: one seeded workload, every chosen system one after another, one report."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import SYSTEMS, BenchConfig
+from .records import SystemRun
+from .report import machine_info, markdown, plot, show, write_json
+from .roofline import gemm_gflops
+from .stats import latencies, summarize
+from .systems import isolated, probe_model, run_system
+from .workloads import BenchRequest, build_workload, parse_range
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m toolkit bench", description=__doc__)
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    p.add_argument("--workload", choices=("random", "chat"), default="random")
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--input-len", default="16:256", help="prompt tokens LO:HI, uniform (random workload)")
+    p.add_argument("--output-len", default="8:128", help="output tokens LO:HI, uniform; EOS is ignored")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, auto ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson; inf = all at t=0")
+    p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight per system")
+    p.add_argument("--out", default="bench-results", help="directory for the JSON, Markdown and PNG")
+    p.add_argument("--max-batch-size", type=int, default=32, help="toolkit and hf-cb: sequences per step")
+    p.add_argument("--max-batch-tokens", type=int, default=512, help="toolkit and hf-cb: tokens per step")
+    p.add_argument("--kv-cache-gib", type=float, default=0.5, help="toolkit and hf-cb: KV-cache memory")
+    p.add_argument("--static-batch-size", type=int, default=8, help="hf-static: requests per generate() call")
+    p.add_argument("--cb-page-size", type=int, default=64, help="hf-cb: tokens per KV page")
+    p.add_argument("--sequential-limit", type=int, default=8,
+                   help="hf-sequential: only the first N requests (0: all; it makes ~16 tok/s here)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up requests per system")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run systems in this process")
+    p.add_argument("--no-plot", dest="plot", action="store_false")
+    return p
+
+
+def parse_config(argv: Sequence[str]) -> BenchConfig:
+    args = parser().parse_args(list(argv))
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        parser().error(f"unknown systems {unknown}: choose from {', '.join(SYSTEMS)}")
+    fields = vars(args) | {"systems": systems, "input_len": parse_range(args.input_len),
+                           "output_len": parse_range(args.output_len)}
+    return BenchConfig(**fields)
+
+
+def header(cfg: BenchConfig, probe: dict[str, Any]) -> str:
+    lens = f"prompts {cfg.input_len[0]}-{cfg.input_len[1]}" if cfg.workload == "random" else "chat prompts"
+    arrivals = "offline (all at t=0)" if cfg.offline else f"Poisson {cfg.request_rate:g} req/s"
+    limit = f", max concurrency {cfg.max_concurrency}" if cfg.max_concurrency else ""
+    gemm = probe.get("gemm_gflops", math.nan)
+    where = probe.get("device_name", cfg.device)
+    return (f"{cfg.workload} workload: {cfg.num_requests} requests, {lens}, outputs {cfg.output_len[0]}-"
+            f"{cfg.output_len[1]} tokens (EOS ignored), {arrivals}{limit}; {cfg.model} {cfg.dtype} on "
+            f"{where}, {probe.get('torch_threads', '?')} threads; "
+            f"GEMM {gemm:.0f} GFLOP/s (roofline = model FLOPs / this)")
+
+
+def requests_for(name: str, cfg: BenchConfig, requests: list[BenchRequest]) -> tuple[list[BenchRequest], str]:
+    if name == "hf-sequential" and cfg.sequential_limit and cfg.sequential_limit < len(requests):
+        subset = requests[: cfg.sequential_limit]
+        return subset, f"subset: first {len(subset)} of {len(requests)} requests"
+    return requests, ""
+
+
+def measure(name: str, cfg: BenchConfig, requests: list[BenchRequest]) -> SystemRun:
+    """One system in its own process; a crash there is reported as this system's error."""
+    subset, note = requests_for(name, cfg, requests)
+    started = time.perf_counter()
+    try:
+        run = isolated(cfg, run_system, name, cfg, subset)
+    except Exception as exc:
+        run = SystemRun(name, error=str(exc))
+    run.note = "; ".join(filter(None, [note, run.note]))
+    tokens = sum(r.num_tokens for r in run.records)
+    status = f"FAILED: {run.error.splitlines()[0]}" if run.error else f"{tokens} tokens"
+    print(f"{name}: {status} ({time.perf_counter() - started:.0f} s with start-up)", flush=True)
+    return run
+
+
+def machine_probe(cfg: BenchConfig, device: str) -> dict[str, Any]:
+    """GEMM GFLOP/s for the dtype, measured here (the other processes idle) and the load average around it."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return {"gemm_gflops": gemm_gflops(cfg.dtype, device, min_s=1.0), "loadavg_1m": os.getloadavg()[0]}
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Build the workload, probe the machine, run each system, print and write the report; returns the JSON data.
+
+    The GEMM ceiling is measured before and after the systems and the better one kept: the cores are shared, and
+    a probe that ran while someone else was busy would make every roofline fraction look too good.
+    """
+    from .. import models
+
+    tokenizer = models.load_tokenizer(cfg.model)
+    requests = build_workload(tokenizer, cfg.workload, cfg.num_requests, cfg.input_len, cfg.output_len, cfg.seed,
+                              cfg.request_rate)
+    probe = isolated(cfg, probe_model, cfg)
+    before = machine_probe(cfg, probe["device"])
+    probe |= {"gemm_gflops": before["gemm_gflops"]}
+    print(header(cfg, probe), flush=True)
+    runs = [measure(name, cfg, requests) for name in cfg.systems]
+    after = machine_probe(cfg, probe["device"])
+    probe |= {"gemm_gflops": max(before["gemm_gflops"], after["gemm_gflops"]), "gemm_gflops_before":
+              before["gemm_gflops"], "gemm_gflops_after": after["gemm_gflops"], "loadavg_1m_before":
+              before["loadavg_1m"], "loadavg_1m_after": after["loadavg_1m"]}
+    title = header(cfg, probe)
+    summaries = {run.name: summarize(run, probe) for run in runs}
+    samples = {run.name: latencies(run.records) for run in runs}
+    print("\n" + show(summaries, title), flush=True)
+    data = {"config": cfg.to_dict(), "machine": machine_info(probe), "title": title, "systems": summaries,
+            "samples": samples, "workload": {"prompt_tokens": sum(len(r.prompt_ids) for r in requests),
+                                             "output_tokens": sum(r.output_len for r in requests)}}
+    write_outputs(cfg, data, summaries, samples, title)
+    return data
+
+
+def write_outputs(cfg: BenchConfig, data: dict[str, Any], summaries: dict[str, dict[str, Any]],
+                  samples: dict[str, dict[str, list[float]]], title: str) -> None:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / cfg.stem
+    write_json(stem.with_suffix(".json"), data)
+    stem.with_suffix(".md").write_text(markdown(summaries, title))
+    written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    if cfg.plot:
+        plot(stem.with_suffix(".png"), summaries, samples, title)
+        written.append(stem.with_suffix(".png"))
+    print("wrote " + ", ".join(map(str, written)), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m toolkit bench`: 0 when every system ran and produced exactly the requested tokens."""
+    import sys
+
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    data = run_bench(cfg)
+    ok = all(s["error"] is None and s["exact_token_counts"] for s in data["systems"].values())
+    return 0 if ok else 1

@@ -1,0 +1,53 @@
+"""BenchConfig: every knob of one benchmark run, picklable so each system can run in its own spawned process."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+SYSTEMS = ("toolkit", "toolkit-inprocess", "hf-sequential", "hf-static", "hf-cb")
+
+
+@dataclass(slots=True)
+class BenchConfig:
+    systems: tuple[str, ...] = SYSTEMS
+    workload: str = "random"
+    num_requests: int = 32
+    input_len: tuple[int, int] = (16, 256)
+    output_len: tuple[int, int] = (8, 128)
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    model: str = "smollm2-135m-instruct"
+    request_rate: float = math.inf
+    max_concurrency: int | None = None
+    out: str = "bench-results"
+    max_batch_size: int = 32  # toolkit and hf-cb: most sequences in one step
+    max_batch_tokens: int = 512  # toolkit and hf-cb: token budget of one step
+    kv_cache_gib: float = 0.5  # toolkit and hf-cb: the same KV-cache memory
+    static_batch_size: int = 8  # hf-static
+    cb_page_size: int = 64  # hf-cb: tokens per KV page (transformers' default, 256, wastes the shared budget)
+    sequential_limit: int | None = 8  # hf-sequential runs only the first N requests (it is slow); 0/None: all
+    warmup: int = 1  # untimed warm-up requests per system
+    threads: int | None = None  # torch threads in every process; None: torch's default
+    isolate: bool = True  # each system in its own spawned process (clean memory, a crash stays contained)
+    plot: bool = True
+
+    @property
+    def offline(self) -> bool:
+        return math.isinf(self.request_rate)
+
+    @property
+    def mode(self) -> str:
+        return "offline" if self.offline else f"poisson-{self.request_rate:g}rps"
+
+    @property
+    def stem(self) -> str:
+        """File name stem of the results: one file set per workload, mode and dtype; a rerun replaces it."""
+        return f"{self.workload}-{self.mode}-{self.dtype}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["request_rate"] = "inf" if self.offline else self.request_rate
+        return data

@@ -1,0 +1,123 @@
+"""Our own engine, measured twice: through the worker process and pipeline (`toolkit`), and in this process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+from ..messages import GenerateRequest
+from ..settings import Settings
+from .config import BenchConfig
+from .drivers import drive_async, drive_steps
+from .memory import RssSampler
+from .records import RequestRecord, SystemRun
+from .workloads import BenchRequest
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+    from ..pipeline import TokenGeneratorPipeline
+    from ..worker import ModelWorker
+
+METRICS_SETTLE_S = 5.0  # the worker coalesces telemetry every metrics_interval_s; wait at most this for the tail
+
+
+def toolkit_settings(cfg: BenchConfig) -> Settings:
+    """The same scheduler limits and KV budget for the worker, the in-process engine and hf-cb."""
+    return Settings(
+        model=cfg.model, device=cfg.device, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size,
+        max_batch_tokens=cfg.max_batch_tokens, kv_cache_gib=cfg.kv_cache_gib, num_threads=cfg.threads,
+        max_queue_size=max(1024, cfg.num_requests + cfg.warmup),
+    )
+
+
+def warmup_requests(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> list[BenchRequest]:
+    """Short untimed requests (prompts cut from the workload's own) that pay one-off costs before the clock starts."""
+    return [BenchRequest(-1 - i, requests[i % len(requests)].prompt_ids[:16], 4) for i in range(cfg.warmup)]
+
+
+class PipelineStreamer:
+    """Streams through TokenGeneratorPipeline.astream: ids in, chunks out, as a notebook user would."""
+
+    def __init__(self, pipe: TokenGeneratorPipeline) -> None:
+        self.pipe = pipe
+
+    async def stream(self, request: BenchRequest) -> AsyncIterator[int]:
+        chunks = self.pipe.astream(request.prompt_ids, max_new_tokens=request.output_len, ignore_eos=True)
+        async for chunk in chunks:
+            yield len(chunk.token_ids)
+
+
+def run_toolkit(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
+    from ..pipeline import TokenGeneratorPipeline
+    from ..worker import start_model_worker
+
+    run = SystemRun("toolkit")
+    loading = time.perf_counter()
+    with start_model_worker(toolkit_settings(cfg)) as worker:
+        run.load_s = time.perf_counter() - loading
+        pipe = TokenGeneratorPipeline(worker)
+        streamer = PipelineStreamer(pipe)
+        drive_async(streamer, warmup_requests(cfg, requests), None, run.name, progress=False)
+        settle_metrics(worker)
+        worker.metrics.reset()
+        with RssSampler(worker.pid) as rss:
+            run.records, run.started_at = drive_async(streamer, requests, cfg.max_concurrency, "toolkit")
+        settle_metrics(worker)
+        steps = worker.metrics.steps()
+        run.batch_sizes = steps.batch_size.astype(int).tolist()
+        run.peak_rss_bytes = max(rss.peak, int(steps.rss_bytes.max()) if len(steps) else 0)
+    return run
+
+
+def settle_metrics(worker: ModelWorker) -> None:
+    """Wait for a telemetry message sent after now: the worker's socket is ordered, so it carries every step so far."""
+    now = time.time()
+    deadline = time.monotonic() + METRICS_SETTLE_S
+    while time.monotonic() < deadline and (worker.metrics.last_heartbeat or 0.0) <= now:
+        time.sleep(0.05)
+
+
+class EngineStepper:
+    """Drives Engine.step() from the benchmark thread, timing each token as the step that made it returns."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.records: dict[str, RequestRecord] = {}
+        self.batch_sizes: list[int] = []
+
+    def add(self, request: BenchRequest, record: RequestRecord) -> None:
+        rid = f"bench-{request.index}"
+        self.records[rid] = record
+        self.engine.add(GenerateRequest(rid, list(request.prompt_ids), request.output_len, ignore_eos=True,
+                                        arrival_time=time.time()))
+
+    def step(self) -> None:
+        deltas, metrics = self.engine.step()
+        now = time.perf_counter()
+        self.batch_sizes.append(metrics.batch_size)
+        for delta in deltas:
+            record = self.records[delta.request_id]
+            record.add_chunk(len(delta.token_ids), now)
+            if delta.finish_reason is not None:
+                record.done = True
+
+    @property
+    def has_work(self) -> bool:
+        return self.engine.has_work
+
+
+def run_toolkit_inprocess(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
+    from ..engine import Engine
+
+    run = SystemRun("toolkit-inprocess")
+    loading = time.perf_counter()
+    engine = Engine(toolkit_settings(cfg))
+    run.load_s = time.perf_counter() - loading
+    drive_steps(EngineStepper(engine), warmup_requests(cfg, requests), None, run.name, progress=False)
+    stepper = EngineStepper(engine)
+    with RssSampler() as rss:
+        run.records, run.started_at = drive_steps(stepper, requests, cfg.max_concurrency, "toolkit-inprocess")
+    run.batch_sizes = stepper.batch_sizes
+    run.peak_rss_bytes = rss.peak
+    return run

@@ -1,0 +1,135 @@
+"""The Dashboard's four panels, drawn from a `MetricsLog.steps()` DataFrame onto a plain matplotlib Figure.
+
+Plain `Figure` objects (no pyplot) so a background thread can draw without touching pyplot's global state, and
+the inline backend never shows a stray copy.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+GIB = 1024**3
+# Fixed margins: rendering is ~1.5x faster than with constrained layout, which counts at 2 frames/s on a busy CPU.
+MARGINS = {"left": 0.07, "right": 0.93, "top": 0.9, "bottom": 0.09, "hspace": 0.3, "wspace": 0.3}
+PREFILL_COLOR, DECODE_COLOR, MEMORY_COLOR = "tab:orange", "tab:blue", "tab:gray"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """What the panels need to know about the worker beyond its steps."""
+
+    model: str
+    device: str
+    max_batch_size: int
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def device_label(self) -> str:
+        """Device figures are GPU figures on CUDA; everywhere else they are the worker's CPU figures."""
+        return f"GPU {self.device}" if self.on_gpu else self.device.upper()
+
+
+def occupancy(steps: pd.DataFrame, max_batch_size: int) -> pd.Series:
+    """Running sequences / max_batch_size per step; an embedding worker has no running set, so its batch counts."""
+    running = steps.num_running.where(steps.kind != "embed", steps.batch_size)
+    return running / max_batch_size
+
+
+def throughput(steps: pd.DataFrame, bin_s: float | None = None) -> pd.DataFrame:
+    """Prefill and decode tokens/s in time bins (tokens counted at each step's end time), empty bins as 0."""
+    if steps.empty:
+        return pd.DataFrame({"prefill_tok_s": [], "decode_tok_s": []}, index=pd.Index([], name="t"))
+    t0, span = float(steps.t.iloc[0]), float(steps.t.iloc[-1] - steps.t.iloc[0])
+    bin_s = bin_s or float(np.clip(span / 40, 0.05, 5.0))
+    bins = np.floor((steps.t.to_numpy() - t0) / bin_s).astype(int)
+    sums = steps[["prefill_tokens", "decode_tokens"]].groupby(bins).sum() / bin_s
+    sums = sums.reindex(range(int(bins.max()) + 1), fill_value=0)
+    sums.index = pd.Index(t0 + sums.index.to_numpy() * bin_s, name="t")
+    return sums.rename(columns={"prefill_tokens": "prefill_tok_s", "decode_tokens": "decode_tok_s"})
+
+
+def new_figure() -> Figure:
+    return Figure(figsize=(11, 6.5), dpi=72)
+
+
+def draw(fig: Figure, steps: pd.DataFrame, view: WorkerView, window_s: float | None = None) -> Figure:
+    """Clear `fig` and draw occupancy, tokens/s, KV-cache use and queue depth over the last `window_s` seconds."""
+    fig.clear()
+    if window_s is not None and not steps.empty:
+        steps = steps[steps.t >= steps.t.iloc[-1] - window_s]
+    axes = fig.subplots(2, 2, sharex=True, gridspec_kw=MARGINS)
+    _occupancy(axes[0, 0], steps, view)
+    _throughput(axes[0, 1], steps, view)
+    _kv_cache(axes[1, 0], steps, view)
+    _queue(axes[1, 1], steps)
+    for ax in axes[1]:
+        ax.set_xlabel("seconds since the worker started")
+    if steps.empty:
+        for ax in axes.flat:
+            ax.text(0.5, 0.5, "no steps yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.suptitle(f"{view.model} on {view.device_label}: {len(steps)} steps")
+    return fig
+
+
+def render_png(fig: Figure) -> bytes:
+    """The figure as PNG bytes through the Agg canvas (thread-safe per figure, no GUI backend)."""
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buffer)
+    return buffer.getvalue()
+
+
+def _occupancy(ax: Axes, steps: pd.DataFrame, view: WorkerView) -> None:
+    ax.set_title(f"Batch occupancy (running / max_batch_size={view.max_batch_size})")
+    ax.set_ylim(0, 1.05)
+    ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+    if not steps.empty:
+        ax.step(steps.t, occupancy(steps, view.max_batch_size), where="post", color=DECODE_COLOR)
+    ax.set_ylabel("occupancy")
+
+
+def _throughput(ax: Axes, steps: pd.DataFrame, view: WorkerView) -> None:
+    ax.set_title(f"Tokens/s on {view.device_label}")
+    rates = throughput(steps)
+    if not rates.empty:
+        ax.step(rates.index, rates.prefill_tok_s, where="post", color=PREFILL_COLOR, label="prefill")
+        ax.step(rates.index, rates.decode_tok_s, where="post", color=DECODE_COLOR, label="decode")
+        ax.legend(loc="upper right", fontsize="small")
+    ax.set_ylabel("tokens/s")
+    ax.set_ylim(bottom=0)
+
+
+def _kv_cache(ax: Axes, steps: pd.DataFrame, view: WorkerView) -> None:
+    ax.set_title("KV-cache use and memory")
+    ax.set_ylabel("KV blocks used (%)")
+    ax.set_ylim(0, 105)
+    if steps.empty:
+        return
+    if int(steps.kv_blocks_total.max()) > 0:
+        ax.step(steps.t, 100 * steps.kv_blocks_used / steps.kv_blocks_total, where="post", color=DECODE_COLOR)
+    else:
+        ax.text(0.5, 0.8, "no KV cache (embedding model)", ha="center", transform=ax.transAxes, color="gray")
+    memory, label = (steps.device_mem_bytes, "GPU memory (GiB)") if view.on_gpu else (steps.rss_bytes, "RSS (GiB)")
+    twin = ax.twinx()
+    twin.plot(steps.t, memory / GIB, color=MEMORY_COLOR, lw=1, ls="--")
+    twin.set_ylabel(label, color=MEMORY_COLOR)
+    twin.set_ylim(0, max(float(memory.max()) / GIB * 1.2, 0.1))
+
+
+def _queue(ax: Axes, steps: pd.DataFrame) -> None:
+    ax.set_title("Queue depth")
+    if not steps.empty:
+        ax.step(steps.t, steps.num_waiting, where="post", color=PREFILL_COLOR, label="waiting")
+        ax.step(steps.t, steps.num_running, where="post", color=DECODE_COLOR, label="running", alpha=0.6)
+        ax.legend(loc="upper right", fontsize="small")
+    ax.set_ylabel("requests")
+    ax.set_ylim(bottom=0)

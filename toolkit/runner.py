@@ -1,0 +1,165 @@
+"""ModelRunner: one scheduler step → one forward pass over a ragged batch → one sampled token per finishing sequence.
+
+All scheduled tokens are concatenated into input_ids [1, T] with their own positions (no padding). The registered
+`toolkit_paged` attention writes K/V into the paged cache and attends per sequence over its blocks; logits are
+computed only for the last token of each sequence that samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from toolkit.paged_attention import ATTN_IMPLEMENTATION, DecodeGroup, PagedBatch, PagedKVCache, PrefillSpan
+from toolkit.sampling import Sampler
+
+if TYPE_CHECKING:
+    from toolkit.scheduler import ScheduledSequence, SchedulerOutput
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_geometry(model_config: Any) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a decoder config (the text config of a multimodal one)."""
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else _DTYPES[dtype]
+
+
+def num_blocks_for_budget(model_config: Any, block_size: int, dtype: torch.dtype | str, gib: float) -> int:
+    """How many KV blocks fit in `gib` GiB: each block holds K and V of block_size tokens for every layer."""
+    layers, kv_heads, head_dim = kv_geometry(model_config)
+    itemsize = torch.empty((), dtype=as_dtype(dtype)).element_size()
+    block_bytes = 2 * layers * kv_heads * head_dim * block_size * itemsize
+    return max(1, int(gib * 2**30) // block_bytes)
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """Everything one forward needs, on the model's device."""
+
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    logits_index: torch.Tensor  # [N] rows of the ragged batch whose logits are sampled
+    sampling: list[ScheduledSequence]  # the N sequences, in logits_index order
+    batch: PagedBatch
+
+
+class ModelRunner:
+    """Owns the paged K/V tensors and the sampler; turns a SchedulerOutput into sampled tokens."""
+
+    def __init__(
+        self, model: Any, *, num_blocks: int, block_size: int, device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+    ) -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = as_dtype(dtype)
+        self.block_size = block_size
+        layers, kv_heads, head_dim = kv_geometry(model.config)
+        self.cache = PagedKVCache.allocate(layers, num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
+        self.sampler = Sampler(self.device)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        """Run one step; returns {request_id: token} for every scheduled sequence that samples."""
+        if not out.scheduled:
+            return {}
+        step = self.prepare(out.scheduled)
+        logits = self.forward(step)
+        if not step.sampling:
+            return {}
+        ids = [s.seq.request_id for s in step.sampling]
+        tokens = self.sampler.sample(logits, ids, [s.seq.request.sampling for s in step.sampling])
+        return dict(zip(ids, tokens, strict=True))
+
+    def release(self, request_id: str) -> None:
+        """A request finished: drop its sampling state (its blocks belong to the BlockManager)."""
+        self.sampler.release(request_id)
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        """The model forward with our attention swapped in; returns float32 logits [N, V] (argmax on bf16 is slow)."""
+        config = self.model.config
+        previous = config._attn_implementation
+        config._attn_implementation = ATTN_IMPLEMENTATION
+        try:
+            output = self.model(
+                input_ids=step.input_ids, position_ids=step.position_ids, logits_to_keep=step.logits_index,
+                use_cache=False, toolkit_batch=step.batch,
+            )
+        finally:
+            config._attn_implementation = previous
+        return output.logits[0].float()
+
+    def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
+        """Single-token sequences first, longest context first (for decode groups), then ids, positions and slots."""
+        decodes = sorted((s for s in scheduled if s.num_tokens == 1), key=lambda s: s.start, reverse=True)
+        prefills = [s for s in scheduled if s.num_tokens != 1]
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        keep: list[int] = []
+        sampling: list[ScheduledSequence] = []
+        for s in decodes + prefills:
+            end = s.start + s.num_tokens
+            ids.extend(s.seq.token_ids[s.start : end])
+            positions.extend(range(s.start, end))
+            slots.extend(self._slots(s.seq.block_table, s.start, end))
+            if s.samples:
+                keep.append(len(ids) - 1)
+                sampling.append(s)
+        batch = PagedBatch(self.cache, self._tensor(slots), max_context=max(s.start + s.num_tokens for s in scheduled))
+        if decodes:
+            self._add_decodes(batch, decodes)
+        self._add_prefills(batch, prefills, len(decodes))
+        return StepInputs(
+            self._tensor(ids)[None], self._tensor(positions)[None], self._tensor(keep), sampling, batch
+        )
+
+    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _add_decodes(self, batch: PagedBatch, decodes: list[ScheduledSequence]) -> None:
+        """Split the (longest-first) decodes where the context halves, so padding wastes under half of any group."""
+        start = 0
+        for i in range(1, len(decodes) + 1):
+            if i == len(decodes) or 2 * (decodes[i].start + 1) <= decodes[start].start + 1:
+                batch.decodes.append(self._decode_group(decodes[start:i], start))
+                start = i
+
+    def _decode_group(self, decodes: list[ScheduledSequence], offset: int) -> DecodeGroup:
+        """Pad every block table to the group's longest; the float mask hides the padding."""
+        bs = self.block_size
+        lengths = [s.start + 1 for s in decodes]
+        nb = -(-max(lengths) // bs)
+        tables = [s.seq.block_table[: -(-n // bs)] for s, n in zip(decodes, lengths, strict=True)]
+        flat = [b for t in tables for b in (*t, *([t[0]] * (nb - len(t))))]
+        visible = torch.arange(nb * bs)[None, :] < torch.tensor(lengths)[:, None]
+        mask = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
+        return DecodeGroup(offset, offset + len(decodes), self._tensor(flat), mask[None, :, None, :].to(self.device))
+
+    def _add_prefills(self, batch: PagedBatch, prefills: list[ScheduledSequence], offset: int) -> None:
+        """Each multi-token sequence: its query rows; with a cached prefix, its blocks and a causal mask over them."""
+        bs = self.block_size
+        for s in prefills:
+            span = PrefillSpan(offset, offset + s.num_tokens)
+            if s.start > 0:
+                end = s.start + s.num_tokens
+                nb = -(-end // bs)
+                span.blocks = self._tensor(s.seq.block_table[:nb])
+                query_pos = torch.arange(s.start, end)[:, None]
+                span.mask = (torch.arange(nb * bs)[None, :] <= query_pos).to(self.device)
+            batch.prefills.append(span)
+            offset += s.num_tokens
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
