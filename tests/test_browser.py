@@ -30,7 +30,7 @@ CONSOLE_NOTEBOOK = [
     "from toolkit import Settings, TokenGeneratorPipeline, start_model_worker\n"
     "from toolkit.notebook import PromptConsole\n"
     "worker = start_model_worker(Settings(model='smollm2-135m-instruct', device='cpu', num_threads=1))\n"
-    "console = PromptConsole(TokenGeneratorPipeline(worker), max_new_tokens=16)",
+    "console = PromptConsole(TokenGeneratorPipeline(worker), max_new_tokens=40)",
     "console",
 ]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -106,7 +106,7 @@ def test_prompt_console_streams_an_answer_in_a_real_browser(voila_url: str) -> N
             page.goto(voila_url, timeout=180_000)
             prompt = page.locator(".tk-prompt textarea")
             prompt.wait_for(timeout=180_000)
-            prompt.fill("What is the capital of France?")
+            prompt.fill("What is the capital of France? Tell me about it.")
             page.locator("button.tk-submit").click()
 
             pane, timing = page.locator(".tk-pane-text").first, page.locator(".tk-pane-timing").first
@@ -125,6 +125,7 @@ def test_prompt_console_streams_an_answer_in_a_real_browser(voila_url: str) -> N
             browser.close()
 
     assert "Paris" in answer
-    assert len(seen) >= 2 and all(answer.startswith(s.strip()[:5]) for s in seen), "the text grew in place"
+    assert len(seen) >= 3 and all(answer.startswith(s.strip()[:5]) for s in seen), "the text grew in place"
+    assert len(answer) > len(seen[0]), "the pane showed part of the answer before all of it"
     assert "tokens/s" in timing_line and timing_line.endswith(("stop", "length"))
     assert SCREENSHOT.stat().st_size > 10_000

@@ -125,7 +125,10 @@ class _Connection:
                     f"model worker exited before it was ready ({describe_exit(self.process.exitcode)})",
                     _tail(Path(self.settings.log_dir or "", "worker.log")),
                 )
-        raise WorkerStartupError(f"model worker not ready after startup_timeout_s={self.settings.startup_timeout_s}")
+        raise WorkerStartupError(
+            f"model worker not ready after startup_timeout_s={self.settings.startup_timeout_s}",
+            _tail(Path(self.settings.log_dir or "", "worker.log")),
+        )
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -247,7 +250,7 @@ class _Connection:
                 self.process.kill()
                 self.process.join()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
-            self.thread.join(2 * POLL_S + 1)
+            self.thread.join(grace)  # it sees `closing` within POLL_S, unless starved of CPU
         self.fail_pending(WorkerNotRunningError("the model worker was shut down while this request was in flight"))
         with self.lock:
             if self.state is not WorkerState.FAILED:
@@ -270,8 +273,9 @@ class ModelWorker:
         self.settings = settings or Settings()
         self.metrics = MetricsLog(self.settings.metrics_capacity)
         self.restarts = 0
-        self._owns_log_dir = self.settings.log_dir is None
         self.log_dir = self.settings.log_dir or tempfile.mkdtemp(prefix="toolkit-logs-")
+        if self.settings.log_dir is None:  # ours: gone with the handle, even if the worker never started
+            weakref.finalize(self, shutil.rmtree, self.log_dir, True)
         self._conn: _Connection | None = None
         self._finalizer: weakref.finalize | None = None
         self._restart_lock = threading.Lock()
@@ -286,8 +290,7 @@ class ModelWorker:
         conn = _Connection(self.settings, self.log_dir, self.metrics, lambda: _restart_later(weak_self))
         conn.start()
         self._conn = conn
-        log_dir = self.log_dir if self._owns_log_dir else None
-        self._finalizer = weakref.finalize(self, _finalize, conn, log_dir)
+        self._finalizer = weakref.finalize(self, conn.close)
         return self
 
     def shutdown(self) -> None:
@@ -376,12 +379,6 @@ class ModelWorker:
     def cancel(self, request_ids: list[str]) -> None:
         if self._conn is not None:
             self._conn.cancel(request_ids)
-
-
-def _finalize(conn: _Connection, log_dir: str | None) -> None:
-    conn.close()
-    if log_dir:
-        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def _restart_later(weak_worker: weakref.ref[ModelWorker]) -> None:
