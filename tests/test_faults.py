@@ -132,7 +132,7 @@ def test_hung_worker_fails_in_flight_requests_then_restart_serves(monkeypatch: p
         for s in streams:
             with pytest.raises(WorkerHungError, match="hang_timeout_s"):
                 s.result()
-        assert 1.5 <= time.monotonic() - started < 5
+        assert 1.0 <= time.monotonic() - started < 5  # hang_timeout_s counts from the last message heard
         assert w.health()["hung"]
         with pytest.raises(WorkerHungError, match="restart"):  # refused at once, not left to wait forever
             pipe.generate("anyone?", max_new_tokens=2)

@@ -120,7 +120,7 @@ class Engine:
             for s in out.scheduled if s.seq.request_id in sampled
         ]
         self.peak_batch_size = max(self.peak_batch_size, len(out.scheduled))
-        return deltas, self._step_metrics(out, forward_ms, (time.perf_counter() - started) * 1000)
+        return deltas, self._step_metrics(out, len(sampled), forward_ms, (time.perf_counter() - started) * 1000)
 
     def generate(self, requests: Iterable[GenerateRequest]) -> dict[str, list[int]]:
         """Submit all requests at once and step until every one has finished; {request_id: output token ids}."""
@@ -150,7 +150,7 @@ class Engine:
         arrival = self._arrivals.pop(seq.request_id, time.time())
         self._finished.append(request_metrics(seq, arrival))
 
-    def _step_metrics(self, out: SchedulerOutput, forward_ms: float, step_ms: float) -> StepMetrics:
+    def _step_metrics(self, out: SchedulerOutput, sampled: int, forward_ms: float, step_ms: float) -> StepMetrics:
         on_cuda = self.device.type == "cuda"
         return StepMetrics(
             t=time.time() - self.start_time, kind=out.kind, batch_size=len(out.scheduled),
@@ -158,7 +158,7 @@ class Engine:
             forward_ms=forward_ms, num_waiting=self.scheduler.num_waiting, num_running=self.scheduler.num_running,
             kv_blocks_used=self.blocks.num_used_blocks, kv_blocks_total=self.num_blocks,
             preemptions=len(out.preempted), rss_bytes=self._process.memory_info().rss,
-            device_mem_bytes=torch.cuda.memory_allocated(self.device) if on_cuda else 0,
+            device_mem_bytes=torch.cuda.memory_allocated(self.device) if on_cuda else 0, output_tokens=sampled,
         )
 
 

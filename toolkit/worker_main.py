@@ -38,8 +38,8 @@ def run(settings: Settings) -> None:
         queue.send_response(m.StartupFailed(type(exc).__name__, str(exc), traceback.format_exc()))
         queue.close()
         _exit(1)
+    log.info("ready: %s", ready)  # logged first: whoever reads the log after Ready finds this line
     queue.send_response(ready)
-    log.info("ready: %s", ready)
     loop = WorkerLoop(engine, queue, settings, parent_pid)
     try:
         loop.run()

@@ -86,6 +86,7 @@ def measure(name: str, cfg: BenchConfig, requests: list[BenchRequest]) -> System
     except Exception as exc:
         run = SystemRun(name, error=str(exc))
     run.note = "; ".join(filter(None, [note, run.note]))
+    run.loadavg_1m = os.getloadavg()[0]
     tokens = sum(r.num_tokens for r in run.records)
     status = f"FAILED: {run.error.splitlines()[0]}" if run.error else f"{tokens} tokens"
     print(f"{name}: {status} ({time.perf_counter() - started:.0f} s with start-up)", flush=True)

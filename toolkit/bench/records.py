@@ -38,7 +38,6 @@ class SystemRun:
     batch_sizes: list[int] = field(default_factory=list)  # sequences in each forward step, where known
     peak_rss_bytes: int = 0
     load_s: float = 0.0
-    num_params: int = 0
-    lm_head_params: int = 0
+    loadavg_1m: float = 0.0  # the machine's 1-minute load average when the system finished (the cores are shared)
     error: str | None = None
     note: str = ""

@@ -16,7 +16,7 @@ import pandas as pd
 THROUGHPUT_COLUMNS = {
     "requests": "requests", "exact_token_counts": "exact tokens", "output_tok_s": "output tok/s",
     "total_tok_s": "total tok/s", "req_s": "req/s", "batch_mean": "batch mean", "batch_peak": "batch peak",
-    "peak_rss_mib": "peak RSS MiB", "roofline_frac": "roofline", "note": "note",
+    "peak_rss_mib": "peak RSS MiB", "roofline_frac": "roofline", "loadavg_1m": "load", "note": "note",
 }
 LATENCY_COLUMNS = {
     f"{name}_{stat}_ms": f"{name.upper()} {stat}"

@@ -16,6 +16,7 @@ METRICS = (
     "output_tok_s", "total_tok_s", "req_s",
     *(f"{name}_{stat}_ms" for name in LATENCIES for stat in ("mean", "p50", "p99")),
     "batch_mean", "batch_peak", "peak_rss_mib", "load_s", "gemm_gflops", "achieved_gflops", "roofline_frac",
+    "loadavg_1m",
 )
 
 
@@ -72,6 +73,7 @@ def summarize(run: SystemRun, probe: dict[str, Any]) -> dict[str, Any]:
     summary["gemm_gflops"] = probe.get("gemm_gflops", math.nan)
     summary["achieved_gflops"] = rate(flops / 1e9)
     summary["roofline_frac"] = summary["achieved_gflops"] / summary["gemm_gflops"]
+    summary["loadavg_1m"] = run.loadavg_1m
     summary["error"] = run.error
     summary["note"] = run.note
     return summary
