@@ -62,13 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--model", default=Settings().model)
     p_demo.add_argument("--max-new-tokens", type=int, default=64)
     p_demo.set_defaults(func=demo)
-    sub.add_parser("bench", help="benchmark (not built yet)").set_defaults(func=_bench)
+    sub.add_parser("bench", help="benchmark the toolkit beside transformers (see `bench --help`)", add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    raise NotImplementedError("`python -m toolkit bench` is not built yet (issue 5)")
 
 
 if __name__ == "__main__":
