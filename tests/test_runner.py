@@ -65,15 +65,13 @@ def _run_step(runner: ModelRunner, step: list[ScheduledSequence]) -> dict[str, t
     return {s.seq.request_id: logits[i].float() for i, s in enumerate(inputs.sampling)}
 
 
-def _check_mixed_steps(model: torch.nn.Module, vocab: int, atol: float, slots: bool = True) -> None:
-    """Step 1: whole prompts + a first chunk + a 1-token-short chunk. Step 2: decodes of contexts 3..14 (in decode
-    slots, or without them in two block-gather groups), a last 1-token prompt chunk, and a chunk over a cached prefix."""
+def _check_mixed_steps(model: torch.nn.Module, vocab: int, atol: float) -> None:
+    """Step 1: whole prompts + a first chunk + a 1-token-short chunk. Step 2: decodes of contexts 3..14 (two decode
+    groups), a last 1-token prompt chunk, and a chunk over a cached prefix."""
     rng = random.Random(0)
     blocks = BlockManager(64, BLOCK)
     rng.shuffle(blocks.free_blocks)  # non-contiguous block tables
     runner = ModelRunner(model, num_blocks=64, block_size=BLOCK, device=model.device, dtype=torch.float32)
-    if not slots:
-        runner.slots.max_bytes = 0
     prompts = {"a": 7, "b": 13, "c": 22, "d": 9, "e": 2}
     seqs = {k: _seq(k, [rng.randrange(vocab) for _ in range(n)]) for k, n in prompts.items()}
     step1 = [_schedule(blocks, seqs["a"], 7), _schedule(blocks, seqs["b"], 13), _schedule(blocks, seqs["c"], 10),
@@ -84,48 +82,16 @@ def _check_mixed_steps(model: torch.nn.Module, vocab: int, atol: float, slots: b
         seqs[k].token_ids.append(int(got[k].argmax()))
     step2 = [_schedule(blocks, seqs["e"], 1), _schedule(blocks, seqs["a"], 1), _schedule(blocks, seqs["b"], 1),
              _schedule(blocks, seqs["d"], 1), _schedule(blocks, seqs["c"], 12)]
-    batch = runner.prepare(step2).batch
-    if slots:
-        assert batch.slot_step is not None and batch.slot_step.n == 4 and not batch.decodes
-        assert runner.slots.owners == ["e", "a", "b", "d"] and runner.slots.lengths == [3, 8, 14, 9]
-    else:
-        assert batch.slot_step is None and [len(g.blocks) for g in batch.decodes] == [4 * 3, 1]  # ctx 14, 9, 8 | 3
+    assert [len(g.blocks) for g in runner.prepare(step2).batch.decodes] == [4 * 3, 1]  # ctx 14, 9, 8 | ctx 3
     got.update(_run_step(runner, step2))
     ends = {"a": 8, "b": 14, "c": 22, "d": 9, "e": 3}
     for k, end in ends.items():
         torch.testing.assert_close(got[k], _reference_logits(model, seqs[k], end), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("slots", [True, False], ids=["decode-slots", "block-gather"])
-def test_ragged_batch_matches_plain_forward(llama: torch.nn.Module, slots: bool) -> None:
+def test_ragged_batch_matches_plain_forward(llama: torch.nn.Module) -> None:
     with torch.inference_mode():
-        _check_mixed_steps(llama, llama.config.vocab_size, atol=1e-4, slots=slots)
-
-
-def test_decode_slots_follow_joins_leaves_and_growth(llama: torch.nn.Module) -> None:
-    """Decode steps while sequences join, finish, skip a step and outgrow the slots' capacity: logits stay exact."""
-    rng = random.Random(1)
-    blocks = BlockManager(64, BLOCK)
-    rng.shuffle(blocks.free_blocks)
-    runner = ModelRunner(llama, num_blocks=64, block_size=BLOCK)
-    runner.slots.granule = 4  # re-layout every 4 tokens, so a short test crosses several
-    vocab = llama.config.vocab_size
-    seqs = {k: _seq(k, [rng.randrange(vocab) for _ in range(n)]) for k, n in {"a": 3, "b": 11, "c": 6}.items()}
-    plan = [["a", "b"], ["a", "b", "c"], ["b", "c"], ["a", "c"], ["a", "b", "c"], ["c"], ["a", "c"], ["a", "c"]]
-    capacities = set()
-    for step_ids in plan:
-        step = [_schedule(blocks, seqs[k], seqs[k].num_tokens - seqs[k].num_computed_tokens) for k in step_ids]
-        got = _run_step(runner, step)
-        capacities.add(runner.slots.capacity)
-        for k in step_ids:
-            with torch.inference_mode():
-                want = _reference_logits(llama, seqs[k], seqs[k].num_tokens)
-            torch.testing.assert_close(got[k], want, atol=1e-4, rtol=0)
-            seqs[k].token_ids.append(int(got[k].argmax()))
-        if step_ids == ["a", "b", "c"]:
-            runner.release("b")  # b finishes: its slot is refilled by the last one
-            assert "b" not in runner.slots.owners
-    assert len(capacities) > 2
+        _check_mixed_steps(llama, llama.config.vocab_size, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -61,127 +61,6 @@ class PagedKVCache:
         return sum(t.numel() * t.element_size() for t in (*self.key, *self.value))
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-@dataclass(slots=True)
-class DecodeSlots:
-    """Contiguous K/V copies of the sequences now decoding: per layer, K and V of shape [slots, KV, length, D].
-
-    Attending over paged blocks means gathering every block of every sequence, every layer, every step, and on CPU
-    that copy cost as much as the attention matmuls. Instead a sequence is copied out of its blocks once, when it
-    starts decoding; each step then appends one token per slot and the matmuls read `key[:n]` in place. Used slots
-    are always 0..n-1 and the tensors are exactly `capacity` long, so `key[:n]` is contiguous (strided bf16 batched
-    matmuls are several times slower). The paged cache stays the source of truth; slots are a cache of it.
-    """
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-    device: torch.device
-    max_bytes: int  # a step that would need more memory falls back to gathering blocks
-    granule: int = 32  # capacity grows (and shrinks) in these steps: one re-layout every `granule` decode steps
-    key: list[torch.Tensor] = field(default_factory=list)
-    value: list[torch.Tensor] = field(default_factory=list)
-    owners: list[str] = field(default_factory=list)  # request id in each used slot
-    lengths: list[int] = field(default_factory=list)  # tokens of each used slot written so far
-
-    @property
-    def capacity(self) -> int:
-        return self.key[0].shape[2] if self.key else 0
-
-    def slot_of(self, request_id: str, start: int) -> int | None:
-        """The slot holding `request_id`'s positions 0..start-1, or None (not there, or out of date)."""
-        if request_id not in self.owners:
-            return None
-        slot = self.owners.index(request_id)
-        return slot if start <= self.lengths[slot] <= start + 1 else None  # +1: this step prepared twice
-
-    def keep_only(self, request_ids: set[str]) -> None:
-        """Free the slots of sequences that are not decoding in this step (finished, preempted, not scheduled)."""
-        for rid in [r for r in self.owners if r not in request_ids]:
-            self.release(rid)
-
-    def release(self, request_id: str) -> None:
-        """Free one slot; the last used slot moves into the hole so that used slots stay 0..n-1."""
-        if request_id not in self.owners:
-            return
-        slot, last = self.owners.index(request_id), len(self.owners) - 1
-        if slot != last:
-            for tensor in (*self.key, *self.value):
-                tensor[slot].copy_(tensor[last])
-            self.owners[slot], self.lengths[slot] = self.owners[last], self.lengths[last]
-        self.owners.pop()
-        self.lengths.pop()
-
-    def clear(self) -> None:
-        """Drop every slot and the memory behind them."""
-        self.key, self.value, self.owners, self.lengths = [], [], [], []
-
-    def fits(self, num_slots: int, length: int) -> bool:
-        return self._bytes(_round_up(num_slots, 8), _round_up(length, self.granule)) <= self.max_bytes
-
-    def reserve(self, num_slots: int, length: int) -> None:
-        """Make room for `num_slots` slots of `length` tokens; shrink when the longest sequence has gone."""
-        slots = self.key[0].shape[0] if self.key else 0
-        wanted = _round_up(length, self.granule)
-        if slots >= num_slots and wanted <= self.capacity <= wanted + self.granule:
-            return
-        shape = (max(_round_up(num_slots, 8), len(self.owners)), self.num_kv_heads, wanted, self.head_dim)
-        keep = min(self.capacity, wanted)
-        for tensors in (self.key, self.value):
-            for layer in range(self.num_layers):
-                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if tensors and self.owners:
-                    fresh[: len(self.owners), :, :keep] = tensors[layer][: len(self.owners), :, :keep]
-                if len(tensors) <= layer:
-                    tensors.append(fresh)
-                else:
-                    tensors[layer] = fresh
-
-    def add(self, request_id: str, cache: PagedKVCache, blocks: torch.Tensor, length: int) -> int:
-        """Copy a sequence's first `length` tokens out of its blocks into the next free slot (reserve first)."""
-        self.release(request_id)
-        slot = len(self.owners)
-        for layer in range(self.num_layers):
-            key, value = cache.gather(layer, blocks)
-            self.key[layer][slot, :, :length] = key[:, :length]
-            self.value[layer][slot, :, :length] = value[:, :length]
-        self.owners.append(request_id)
-        self.lengths.append(length)
-        return slot
-
-    def step(self, positions: list[int]) -> SlotStep:
-        """This step's new token of slot i goes to position positions[i]; it attends to positions 0..positions[i]."""
-        n, kv, cap = len(positions), self.num_kv_heads, self.capacity
-        for slot, position in enumerate(positions):
-            self.lengths[slot] = position + 1
-        pos = torch.tensor(positions, dtype=torch.long)
-        rows = torch.arange(n * kv, dtype=torch.long).view(n, kv)
-        index = (rows * cap + pos[:, None]).view(-1)
-        hidden = torch.arange(cap)[None, :] > pos[:, None]
-        mask = torch.zeros((n, 1, 1, cap), dtype=torch.float32).masked_fill_(hidden[:, None, None, :], float("-inf"))
-        return SlotStep(n, index.to(self.device), mask.to(self.device))
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.key, *self.value))
-
-    def _bytes(self, slots: int, length: int) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * slots * self.num_kv_heads * length * self.head_dim * itemsize
-
-
-@dataclass(slots=True)
-class SlotStep:
-    """The decode rows of one step, attended over DecodeSlots: rows 0..n-1 of the batch are slots 0..n-1."""
-
-    n: int
-    write_index: torch.Tensor  # [n * KV] row of each new (slot, kv head) token in key[layer].view(-1, D)
-    mask: torch.Tensor  # [n, 1, 1, capacity] float32, 0 where visible, -inf beyond each slot's new token
-
-
 @dataclass(slots=True)
 class PrefillSpan:
     """A multi-token sequence of the step: its query rows, and its blocks when it has a cached prefix."""
@@ -206,13 +85,11 @@ class DecodeGroup:
 class PagedBatch:
     """Where this step's tokens go and what each one attends to; built once per step, shared by every layer.
 
-    Token order: the single-token sequences first (in slot order, or group by group), then the prefill spans.
+    Token order: the decode groups' single-token sequences first, then the prefill spans.
     """
 
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
-    slots: DecodeSlots | None = None
-    slot_step: SlotStep | None = None  # set: the decode rows attend over `slots`; None: over `decodes` groups
     decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSpan] = field(default_factory=list)
     max_context: int = 0
@@ -244,8 +121,6 @@ def paged_attention(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     batch.cache.write(layer, key[0], value[0], batch.slot_mapping)
     out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
-    if batch.slot_step is not None and batch.slots is not None:
-        out[0, : batch.slot_step.n] = _slot_attention(query, key, value, batch.slot_step, batch.slots, layer, scale)
     for group in batch.decodes:
         out[0, group.q_start : group.q_end] = _decode_attention(query, group, batch.cache, layer, scale)
     for span in batch.prefills:
@@ -283,22 +158,6 @@ def _decode_attention(
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs, v)  # [KV, B, G, D]
     return out.permute(1, 0, 2, 3).reshape(b, num_heads, head_dim)
-
-
-def _slot_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, step: SlotStep, slots: DecodeSlots, layer: int,
-    scale: float,
-) -> torch.Tensor:
-    """Append each slot's new K/V, then grouped matmuls over the slots in place, softmax in float32 → [n, H, D]."""
-    n, kv_heads, head_dim = step.n, slots.num_kv_heads, slots.head_dim
-    keys, values = slots.key[layer], slots.value[layer]
-    keys.view(-1, head_dim).index_copy_(0, step.write_index, key[0, :, :n].transpose(0, 1).reshape(-1, head_dim))
-    values.view(-1, head_dim).index_copy_(0, step.write_index, value[0, :, :n].transpose(0, 1).reshape(-1, head_dim))
-    q = query[0, :, :n].transpose(0, 1).reshape(n, kv_heads, -1, head_dim)  # [n, KV, G, D]
-    scores = torch.matmul(q, keys[:n].transpose(-1, -2)).float()  # [n, KV, G, capacity]
-    scores.mul_(scale).add_(step.mask)
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values[:n]).view(n, -1, head_dim)  # heads are kv-major: [n, KV * G, D]
 
 
 def _prefill_attention(

@@ -12,14 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from toolkit.paged_attention import (
-    ATTN_IMPLEMENTATION,
-    DecodeGroup,
-    DecodeSlots,
-    PagedBatch,
-    PagedKVCache,
-    PrefillSpan,
-)
+from toolkit.paged_attention import ATTN_IMPLEMENTATION, DecodeGroup, PagedBatch, PagedKVCache, PrefillSpan
 from toolkit.sampling import Sampler
 
 if TYPE_CHECKING:
@@ -73,7 +66,6 @@ class ModelRunner:
         self.block_size = block_size
         layers, kv_heads, head_dim = kv_geometry(model.config)
         self.cache = PagedKVCache.allocate(layers, num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
-        self.slots = DecodeSlots(layers, kv_heads, head_dim, self.dtype, self.device, max_bytes=self.cache.nbytes())
         self.sampler = Sampler(self.device)
 
     @torch.inference_mode()
@@ -90,9 +82,8 @@ class ModelRunner:
         return dict(zip(ids, tokens, strict=True))
 
     def release(self, request_id: str) -> None:
-        """A request finished: drop its sampling state and decode slot (its blocks belong to the BlockManager)."""
+        """A request finished: drop its sampling state (its blocks belong to the BlockManager)."""
         self.sampler.release(request_id)
-        self.slots.release(request_id)
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         """The model forward with our attention swapped in; returns float32 logits [N, V] (argmax on bf16 is slow)."""
@@ -109,10 +100,9 @@ class ModelRunner:
         return output.logits[0].float()
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
-        """Single-token sequences first (in decode-slot order), then the rest; ids, positions, slots and spans."""
-        decodes = [s for s in scheduled if s.num_tokens == 1]
+        """Single-token sequences first, longest context first (for decode groups), then ids, positions and slots."""
+        decodes = sorted((s for s in scheduled if s.num_tokens == 1), key=lambda s: s.start, reverse=True)
         prefills = [s for s in scheduled if s.num_tokens != 1]
-        decodes = self._assign_slots(decodes) if decodes else decodes
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -127,33 +117,12 @@ class ModelRunner:
                 keep.append(len(ids) - 1)
                 sampling.append(s)
         batch = PagedBatch(self.cache, self._tensor(slots), max_context=max(s.start + s.num_tokens for s in scheduled))
-        if decodes and self.slots.owners:
-            batch.slots, batch.slot_step = self.slots, self.slots.step([s.start for s in decodes])
-        elif decodes:
+        if decodes:
             self._add_decodes(batch, decodes)
         self._add_prefills(batch, prefills, len(decodes))
         return StepInputs(
             self._tensor(ids)[None], self._tensor(positions)[None], self._tensor(keep), sampling, batch
         )
-
-    def _assign_slots(self, decodes: list[ScheduledSequence]) -> list[ScheduledSequence]:
-        """Give every single-token sequence a decode slot (copying its context in once) and order them by slot.
-
-        Past the slots' memory budget, drop them all and order longest context first for the block-gather groups.
-        """
-        self.slots.keep_only({s.seq.request_id for s in decodes})
-        longest = max(s.start for s in decodes) + 1
-        if not self.slots.fits(len(decodes), longest):
-            self.slots.clear()
-            return sorted(decodes, key=lambda s: s.start, reverse=True)
-        self.slots.reserve(len(decodes), longest)
-        for s in decodes:
-            rid = s.seq.request_id
-            if self.slots.slot_of(rid, s.start) is None:
-                blocks = self._tensor(s.seq.block_table[: -(-s.start // self.block_size)])
-                self.slots.add(rid, self.cache, blocks, s.start)
-        order = {rid: i for i, rid in enumerate(self.slots.owners)}
-        return sorted(decodes, key=lambda s: order[s.seq.request_id])
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
