@@ -2,7 +2,8 @@
 
 All scheduled tokens are concatenated into input_ids [1, T] with their own positions (no padding). The registered
 `toolkit_paged` attention writes K/V into the paged cache and attends per sequence over its blocks; logits are
-computed only for the last token of each sequence that samples.
+computed only for the last token of each sequence that samples. While our forward runs, nn.Linear goes through
+`toolkit.cpu_linear` (faster float32 GEMM kernels on CPU).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from toolkit.cpu_linear import cpu_linear_kernels
 from toolkit.paged_attention import ATTN_IMPLEMENTATION, DecodeGroup, PagedBatch, PagedKVCache, PrefillSpan
 from toolkit.sampling import Sampler
 
@@ -91,10 +93,11 @@ class ModelRunner:
         previous = config._attn_implementation
         config._attn_implementation = ATTN_IMPLEMENTATION
         try:
-            output = self.model(
-                input_ids=step.input_ids, position_ids=step.position_ids, logits_to_keep=step.logits_index,
-                use_cache=False, toolkit_batch=step.batch,
-            )
+            with cpu_linear_kernels():
+                output = self.model(
+                    input_ids=step.input_ids, position_ids=step.position_ids, logits_to_keep=step.logits_index,
+                    use_cache=False, toolkit_batch=step.batch,
+                )
         finally:
             config._attn_implementation = previous
         return output.logits[0].float()
