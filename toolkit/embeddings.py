@@ -203,6 +203,10 @@ class EmbeddingsEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    @property
+    def kv_blocks_used(self) -> int:
+        return 0  # no KV cache: each batch is one padded forward
+
     def add(self, request: EmbedRequest) -> None:
         """Tokenize now (truncated like ST) so the scheduler can budget by real lengths."""
         texts, limit = list(request.texts), self.recipe.max_seq_length

@@ -17,7 +17,7 @@ from toolkit import models
 from toolkit.errors import InvalidRequestError
 from toolkit.kv_cache import BlockManager
 from toolkit.messages import GenerateRequest, RequestMetrics, StepMetrics, TokenDelta
-from toolkit.runner import ModelRunner, kv_geometry, num_blocks_for_budget
+from toolkit.runner import ModelRunner, num_blocks_for_budget
 from toolkit.scheduler import SchedulerOutput, Sequence, TokenGenerationScheduler
 from toolkit.settings import Settings
 
@@ -69,8 +69,11 @@ class Engine:
         }
 
     def kv_cache_bytes(self) -> int:
-        layers, kv_heads, head_dim = kv_geometry(self.config)
-        return 2 * layers * kv_heads * head_dim * self.num_blocks * self.settings.block_size * self.dtype.itemsize
+        return self.runner.cache.nbytes()
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.blocks.num_used_blocks
 
     # ---- requests ---------------------------------------------------------------------------------
 
@@ -156,7 +159,7 @@ class Engine:
             t=time.time() - self.start_time, kind=out.kind, batch_size=len(out.scheduled),
             prefill_tokens=out.num_prefill_tokens, decode_tokens=out.num_decode_tokens, step_ms=step_ms,
             forward_ms=forward_ms, num_waiting=self.scheduler.num_waiting, num_running=self.scheduler.num_running,
-            kv_blocks_used=self.blocks.num_used_blocks, kv_blocks_total=self.num_blocks,
+            kv_blocks_used=self.kv_blocks_used, kv_blocks_total=self.num_blocks,
             preemptions=len(out.preempted), rss_bytes=self._process.memory_info().rss,
             device_mem_bytes=torch.cuda.memory_allocated(self.device) if on_cuda else 0, output_tokens=sampled,
         )

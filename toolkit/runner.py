@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from toolkit.cpu_linear import cpu_linear_kernels
+from toolkit.models import resolve_dtype
 from toolkit.paged_attention import ATTN_IMPLEMENTATION, DecodeGroup, PagedBatch, PagedKVCache, PrefillSpan
 from toolkit.sampling import Sampler
 
 if TYPE_CHECKING:
     from toolkit.scheduler import ScheduledSequence, SchedulerOutput
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def kv_geometry(model_config: Any) -> tuple[int, int, int]:
@@ -33,14 +32,13 @@ def kv_geometry(model_config: Any) -> tuple[int, int, int]:
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    return dtype if isinstance(dtype, torch.dtype) else _DTYPES[dtype]
+    return dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, "cpu")
 
 
 def num_blocks_for_budget(model_config: Any, block_size: int, dtype: torch.dtype | str, gib: float) -> int:
     """How many KV blocks fit in `gib` GiB: each block holds K and V of block_size tokens for every layer."""
     layers, kv_heads, head_dim = kv_geometry(model_config)
-    itemsize = torch.empty((), dtype=as_dtype(dtype)).element_size()
-    block_bytes = 2 * layers * kv_heads * head_dim * block_size * itemsize
+    block_bytes = 2 * layers * kv_heads * head_dim * block_size * as_dtype(dtype).itemsize
     return max(1, int(gib * 2**30) // block_bytes)
 
 

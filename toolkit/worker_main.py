@@ -61,10 +61,6 @@ def _load(settings: Settings) -> tuple[Any, m.Ready]:
     from . import models
 
     started = time.perf_counter()
-    if settings.num_threads:
-        import torch
-
-        torch.set_num_threads(settings.num_threads)
     if models.resolve(settings.model).task == "embed":
         from .embeddings import EmbeddingsEngine
 
@@ -152,8 +148,7 @@ class WorkerLoop:
         if now - self.last_metrics < interval:
             return
         requests = self.engine.pop_request_metrics()
-        blocks = getattr(self.engine, "blocks", None)  # the generate engine's BlockManager; embeddings have none
-        used = blocks.num_used_blocks if blocks is not None else 0
+        used = self.engine.kv_blocks_used
         self.queue.send_response(
             m.Metrics(sent_at=now, busy=busy, steps=self.pending_steps, requests=requests, kv_blocks_used=used)
         )

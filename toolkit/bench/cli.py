@@ -20,39 +20,48 @@ from .workloads import BenchRequest, build_workload, parse_range
 
 
 def parser() -> argparse.ArgumentParser:
+    """The flags of BenchConfig, with its defaults."""
+    d = BenchConfig()
     p = argparse.ArgumentParser(prog="python -m toolkit bench", description=__doc__)
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
-    p.add_argument("--workload", choices=("random", "chat"), default="random")
-    p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--input-len", default="16:256", help="prompt tokens LO:HI, uniform (random workload)")
-    p.add_argument("--output-len", default="8:128", help="output tokens LO:HI, uniform; EOS is ignored")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, auto ...")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson; inf = all at t=0")
-    p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight per system")
-    p.add_argument("--out", default="bench-results", help="directory for the JSON, Markdown and PNG")
-    p.add_argument("--max-batch-size", type=int, default=32, help="toolkit and hf-cb: sequences per step")
-    p.add_argument("--max-batch-tokens", type=int, default=512, help="toolkit and hf-cb: tokens per step")
-    p.add_argument("--kv-cache-gib", type=float, default=0.5, help="toolkit and hf-cb: KV-cache memory")
-    p.add_argument("--static-batch-size", type=int, default=8, help="hf-static: requests per generate() call")
-    p.add_argument("--cb-page-size", type=int, default=64, help="hf-cb: tokens per KV page")
-    p.add_argument("--sequential-limit", type=int, default=8,
+    p.add_argument("--systems", default=",".join(d.systems), help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    p.add_argument("--workload", choices=("random", "chat"), default=d.workload)
+    p.add_argument("--num-requests", type=int, default=d.num_requests)
+    p.add_argument("--input-len", default=_range(d.input_len), help="prompt tokens LO:HI, uniform (random workload)")
+    p.add_argument("--output-len", default=_range(d.output_len), help="output tokens LO:HI, uniform; EOS is ignored")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype)
+    p.add_argument("--device", default=d.device, help="cpu, cuda, auto ...")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--request-rate", type=float, default=d.request_rate, help="requests/s, Poisson; inf = all at t=0")
+    p.add_argument("--max-concurrency", type=int, default=d.max_concurrency, help="most requests in flight per system")
+    p.add_argument("--out", default=d.out, help="directory for the JSON, Markdown and PNG")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="toolkit and hf-cb: sequences per step")
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help="toolkit and hf-cb: tokens per step")
+    p.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib, help="toolkit and hf-cb: KV-cache memory")
+    p.add_argument("--static-batch-size", type=int, default=d.static_batch_size,
+                   help="hf-static: requests per generate() call")
+    p.add_argument("--cb-page-size", type=int, default=d.cb_page_size, help="hf-cb: tokens per KV page")
+    p.add_argument("--sequential-limit", type=int, default=d.sequential_limit,
                    help="hf-sequential: only the first N requests (0: all; it makes ~16 tok/s here)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up requests per system")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed warm-up requests per system")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per process (default: torch's)")
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run systems in this process")
     p.add_argument("--no-plot", dest="plot", action="store_false")
     return p
 
 
+def _range(bounds: tuple[int, int]) -> str:
+    return f"{bounds[0]}:{bounds[1]}"
+
+
 def parse_config(argv: Sequence[str]) -> BenchConfig:
-    args = parser().parse_args(list(argv))
+    p = parser()
+    args = p.parse_args(list(argv))
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
-        parser().error(f"unknown systems {unknown}: choose from {', '.join(SYSTEMS)}")
+        p.error(f"unknown systems {unknown}: choose from {', '.join(SYSTEMS)}")
     fields = vars(args) | {"systems": systems, "input_len": parse_range(args.input_len),
                            "output_len": parse_range(args.output_len)}
     return BenchConfig(**fields)
@@ -137,13 +146,13 @@ def write_outputs(cfg: BenchConfig, data: dict[str, Any], summaries: dict[str, d
                   samples: dict[str, dict[str, list[float]]], title: str) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / cfg.stem
-    write_json(stem.with_suffix(".json"), data)
-    stem.with_suffix(".md").write_text(markdown(summaries, title))
-    written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    json_path, md_path, png_path = ((out / cfg.stem).with_suffix(suffix) for suffix in (".json", ".md", ".png"))
+    write_json(json_path, data)
+    md_path.write_text(markdown(summaries, title))
+    written = [json_path, md_path]
     if cfg.plot:
-        plot(stem.with_suffix(".png"), summaries, samples, title)
-        written.append(stem.with_suffix(".png"))
+        plot(png_path, summaries, samples, title)
+        written.append(png_path)
     print("wrote " + ", ".join(map(str, written)), flush=True)
 
 

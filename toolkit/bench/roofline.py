@@ -54,7 +54,7 @@ def _sync(device: str) -> None:
 
 def param_counts(model: Any) -> tuple[int, int]:
     """(unique parameters, parameters of the output projection): prompt tokens skip the lm_head."""
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     head = model.get_output_embeddings()
     return total, (head.weight.numel() if head is not None else 0)
 

@@ -11,10 +11,11 @@ from .records import RequestRecord, SystemRun
 from .roofline import model_flops
 
 LATENCIES = ("ttft", "tpot", "itl", "e2e")
+LATENCY_STATS = ("mean", "p50", "p99")
 METRICS = (
     "requests", "completed", "output_tokens", "expected_output_tokens", "exact_token_counts", "duration_s",
     "output_tok_s", "total_tok_s", "req_s",
-    *(f"{name}_{stat}_ms" for name in LATENCIES for stat in ("mean", "p50", "p99")),
+    *(f"{name}_{stat}_ms" for name in LATENCIES for stat in LATENCY_STATS),
     "batch_mean", "batch_peak", "peak_rss_mib", "load_s", "gemm_gflops", "achieved_gflops", "roofline_frac",
     "loadavg_1m",
 )
@@ -63,7 +64,7 @@ def summarize(run: SystemRun, probe: dict[str, Any]) -> dict[str, Any]:
         "req_s": rate(len(done)),
     }
     for name, values in latencies(run.records).items():
-        summary.update(zip((f"{name}_mean_ms", f"{name}_p50_ms", f"{name}_p99_ms"), _stats(values), strict=True))
+        summary.update(zip((f"{name}_{stat}_ms" for stat in LATENCY_STATS), _stats(values), strict=True))
     sizes = np.asarray(run.batch_sizes, dtype=float)
     summary["batch_mean"] = float(sizes.mean()) if sizes.size else math.nan
     summary["batch_peak"] = float(sizes.max()) if sizes.size else math.nan

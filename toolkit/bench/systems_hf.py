@@ -8,7 +8,6 @@ EOS is ignored everywhere: `min_new_tokens = max_new_tokens` for generate, `eos_
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -20,8 +19,7 @@ from .config import BenchConfig
 from .drivers import drive_async, drive_steps
 from .memory import RssSampler
 from .records import RequestRecord, SystemRun
-from .systems_toolkit import warmup_requests
-from .workloads import BenchRequest
+from .workloads import BenchRequest, warmup_requests
 
 
 def load_model(cfg: BenchConfig, run: SystemRun) -> tuple[Any, Any]:
@@ -33,7 +31,7 @@ def load_model(cfg: BenchConfig, run: SystemRun) -> tuple[Any, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     loading = time.perf_counter()
-    model, tokenizer = models.load(cfg.model, models.resolve_device(cfg.device), cfg.dtype)
+    model, tokenizer = models.load(cfg.model, cfg.device, cfg.dtype)
     run.load_s = time.perf_counter() - loading
     return model, tokenizer
 
@@ -105,7 +103,7 @@ def run_generate(name: str, batch_size: int, cfg: BenchConfig, requests: Sequenc
     run = SystemRun(name)
     model, tokenizer = load_model(cfg, run)
     pad_id = pad_token_id(model, tokenizer)
-    drive_steps(GenerateStepper(model, pad_id, batch_size), warmup_requests(cfg, requests), None, name, False)
+    drive_steps(GenerateStepper(model, pad_id, batch_size), warmup_requests(requests, cfg.warmup), None, name, False)
     stepper = GenerateStepper(model, pad_id, batch_size)
     with RssSampler() as rss:
         run.records, run.started_at = drive_steps(stepper, requests, cfg.max_concurrency, name)
@@ -125,23 +123,17 @@ def run_hf_static(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemR
 # ---- transformers' continuous batching --------------------------------------------------------------------------
 
 
-def cb_num_blocks(model: Any, page_size: int, gib: float) -> int:
-    """CB blocks (page_size tokens across all layers) that fit in the toolkit's KV budget: the same cache memory."""
-    config = model.config.get_text_config()
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    token_bytes = 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
-    return max(1, math.floor(gib * 2**30 / (token_bytes * page_size)))
-
-
 def start_cb(model: Any, cfg: BenchConfig, pad_id: int) -> Any:
     """A started ContinuousBatchingManager, greedy, EOS off, with per-step batch sizes recorded on `.bench_sizes`."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+    from ..runner import num_blocks_for_budget
+
     generation = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=-1, pad_token_id=pad_id)
+    num_blocks = num_blocks_for_budget(model.config, cfg.cb_page_size, model.dtype, cfg.kv_cache_gib)  # same memory
     cb_config = ContinuousBatchingConfig(
-        page_size=cfg.cb_page_size, num_blocks=cb_num_blocks(model, cfg.cb_page_size, cfg.kv_cache_gib),
+        page_size=cfg.cb_page_size, num_blocks=num_blocks,
         max_batch_tokens=cfg.max_batch_tokens, max_requests_per_batch=cfg.max_batch_size,
     )
     manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=cb_config)
@@ -189,7 +181,7 @@ def run_hf_cb(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
     manager = start_cb(model, cfg, pad_token_id(model, tokenizer))
     try:
         streamer = CBStreamer(manager)
-        drive_async(streamer, warmup_requests(cfg, requests), None, "hf-cb", progress=False)
+        drive_async(streamer, warmup_requests(requests, cfg.warmup), None, "hf-cb", progress=False)
         manager.bench_sizes.clear()
         with RssSampler() as rss:
             run.records, run.started_at = drive_async(streamer, requests, cfg.max_concurrency, "hf-cb")

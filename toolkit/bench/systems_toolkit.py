@@ -12,7 +12,7 @@ from .config import BenchConfig
 from .drivers import drive_async, drive_steps
 from .memory import RssSampler
 from .records import RequestRecord, SystemRun
-from .workloads import BenchRequest
+from .workloads import BenchRequest, warmup_requests
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -29,11 +29,6 @@ def toolkit_settings(cfg: BenchConfig) -> Settings:
         max_batch_tokens=cfg.max_batch_tokens, kv_cache_gib=cfg.kv_cache_gib, num_threads=cfg.threads,
         max_queue_size=max(1024, cfg.num_requests + cfg.warmup),
     )
-
-
-def warmup_requests(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> list[BenchRequest]:
-    """Short untimed requests (prompts cut from the workload's own) that pay one-off costs before the clock starts."""
-    return [BenchRequest(-1 - i, requests[i % len(requests)].prompt_ids[:16], 4) for i in range(cfg.warmup)]
 
 
 class PipelineStreamer:
@@ -58,7 +53,7 @@ def run_toolkit(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun
         run.load_s = time.perf_counter() - loading
         pipe = TokenGeneratorPipeline(worker)
         streamer = PipelineStreamer(pipe)
-        drive_async(streamer, warmup_requests(cfg, requests), None, run.name, progress=False)
+        drive_async(streamer, warmup_requests(requests, cfg.warmup), None, run.name, progress=False)
         settle_metrics(worker)
         worker.metrics.reset()
         with RssSampler(worker.pid) as rss:
@@ -89,8 +84,7 @@ class EngineStepper:
     def add(self, request: BenchRequest, record: RequestRecord) -> None:
         rid = f"bench-{request.index}"
         self.records[rid] = record
-        self.engine.add(GenerateRequest(rid, list(request.prompt_ids), request.output_len, ignore_eos=True,
-                                        arrival_time=time.time()))
+        self.engine.add(GenerateRequest(rid, request.prompt_ids, request.output_len, ignore_eos=True))
 
     def step(self) -> None:
         deltas, metrics = self.engine.step()
@@ -114,7 +108,7 @@ def run_toolkit_inprocess(cfg: BenchConfig, requests: Sequence[BenchRequest]) ->
     loading = time.perf_counter()
     engine = Engine(toolkit_settings(cfg))
     run.load_s = time.perf_counter() - loading
-    drive_steps(EngineStepper(engine), warmup_requests(cfg, requests), None, run.name, progress=False)
+    drive_steps(EngineStepper(engine), warmup_requests(requests, cfg.warmup), None, run.name, progress=False)
     stepper = EngineStepper(engine)
     with RssSampler() as rss:
         run.records, run.started_at = drive_steps(stepper, requests, cfg.max_concurrency, "toolkit-inprocess")

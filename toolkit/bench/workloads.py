@@ -7,6 +7,7 @@ Every request carries its prompt as token ids, so each system gets exactly the s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,11 @@ def chat_workload(tokenizer: Any, num_requests: int, output_len: tuple[int, int]
         ids = ids if isinstance(ids, list) else list(ids["input_ids"])
         requests.append(BenchRequest(i, [int(t) for t in ids], int(n_out)))
     return requests
+
+
+def warmup_requests(requests: Sequence[BenchRequest], count: int) -> list[BenchRequest]:
+    """Short untimed requests (prompts cut from the workload's own) that pay one-off costs before the clock starts."""
+    return [BenchRequest(-1 - i, requests[i % len(requests)].prompt_ids[:16], 4) for i in range(count)]
 
 
 def poisson_arrivals(num_requests: int, request_rate: float, seed: int) -> list[float]:

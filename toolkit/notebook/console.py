@@ -11,6 +11,7 @@ import html
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,7 @@ class _Close:
 class _EventSink(Sink):
     """Puts one request's responses on the console's single queue, tagged with the request id."""
 
-    def __init__(self, request_id: str, post: Any) -> None:
+    def __init__(self, request_id: str, post: Callable[[object], None]) -> None:
         super().__init__()
         self.request_id = request_id
         self.post = post
@@ -88,7 +89,7 @@ class RequestPane:
     error: str | None = None
 
     @classmethod
-    def create(cls, stream: RequestStream, title: str, on_cancel: Any) -> RequestPane:
+    def create(cls, stream: RequestStream, title: str, on_cancel: Callable[[str], None]) -> RequestPane:
         text = widgets.HTML(_pre(""))
         text.add_class("tk-pane-text")
         timing = widgets.HTML("<i>streaming…</i>")
@@ -231,8 +232,10 @@ class PromptConsole:
                     event = None
                 if isinstance(event, _Close):
                     self._close_all()
-                if event is None or isinstance(event, _Close):
-                    if self._exit_if_idle(force=isinstance(event, _Close)):
+                    self._exit_if_idle(force=True)
+                    return
+                if event is None:
+                    if self._exit_if_idle(force=False):
                         return
                 else:
                     self._handle(event)
@@ -256,9 +259,8 @@ class PromptConsole:
                 self._start(event)
             elif isinstance(event, _Cancel):
                 pane = self.panes.get(event.request_id)
-                if pane is not None and not pane.stream.done:
-                    pane.stream.close()
-                    self._finish(pane)
+                if pane is not None:
+                    self._cancel_pane(pane)
             elif isinstance(event, _Item):
                 self._on_item(event)
         except Exception as exc:  # the console must outlive any one bad event
@@ -315,11 +317,14 @@ class PromptConsole:
             self._outstanding -= n
             self._idle.notify_all()
 
+    def _cancel_pane(self, pane: RequestPane) -> None:
+        if not pane.stream.done:
+            pane.stream.close()
+            self._finish(pane)
+
     def _close_all(self) -> None:
         for pane in self.panes.values():
-            if not pane.stream.done:
-                pane.stream.close()
-                self._finish(pane)
+            self._cancel_pane(pane)
 
     def _show_panes(self) -> None:
         """Newest last; once over max_panes, the oldest finished panes are dropped from view."""

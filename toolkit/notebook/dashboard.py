@@ -9,11 +9,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import pandas as pd
 from IPython.display import DisplayHandle, Image, display
 from matplotlib.figure import Figure
 
-from ..errors import ToolkitError
 from ..worker import ModelWorker
 from . import panels
 from .kernel import adopt_parent, current_parent, in_kernel, show_figures_as_png
@@ -31,13 +29,13 @@ class Dashboard:
         self.interval_s = interval_s
         self.window_s = window_s
         self.frames = 0  # live frames rendered: how often the display was refreshed
-        self._view = self._read_view(None)
+        self._read_view()  # raises WorkerNotRunningError before the worker has started
         self._figure = panels.new_figure()
         self._handle: DisplayHandle | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._drawn: tuple[int, float] | None = None
+        self._drawn: tuple[int, float] | None = None  # MetricsLog.steps_mark() of the last live frame
 
     # ---- live ---------------------------------------------------------------------------------
 
@@ -50,7 +48,7 @@ class Dashboard:
         if self.running:
             return self
         self._stop.clear()
-        png = self._render(self.worker.metrics.steps())
+        png = self._render()
         if in_kernel():
             self._handle = display(Image(data=png, format="png"), display_id=True)
         self._thread = threading.Thread(
@@ -69,11 +67,9 @@ class Dashboard:
 
     def refresh(self, *, force: bool = True) -> bool:
         """Redraw the live panels now; with force=False only if steps arrived since the last frame."""
-        steps = self.worker.metrics.steps()
-        key = (len(steps), float(steps.t.iloc[-1]) if len(steps) else 0.0)
-        if not force and key == self._drawn:
-            return False
-        png = self._render(steps)
+        if not force and self.worker.metrics.steps_mark() == self._drawn:
+            return False  # checked without building the steps DataFrame, which an idle tick would waste
+        png = self._render()
         if self._handle is not None:
             self._handle.update(Image(data=png, format="png"))
         return True
@@ -85,11 +81,11 @@ class Dashboard:
                 if not self.worker.is_alive():
                     return
 
-    def _render(self, steps: pd.DataFrame) -> bytes:
+    def _render(self) -> bytes:
         with self._lock:
-            panels.draw(self._figure, steps, self._read_view(self._view), self.window_s)
+            self._drawn = self.worker.metrics.steps_mark()  # before reading: a step in between only redraws again
+            panels.draw(self._figure, self.worker.metrics.steps(), self._read_view(), self.window_s)
             self.frames += 1
-            self._drawn = (len(steps), float(steps.t.iloc[-1]) if len(steps) else 0.0)
             return panels.render_png(self._figure)
 
     # ---- static copies ------------------------------------------------------------------------
@@ -98,7 +94,7 @@ class Dashboard:
         """A new static figure of everything logged so far (renders as PNG when a cell returns it)."""
         show_figures_as_png()
         fig = panels.new_figure()
-        return panels.draw(fig, self.worker.metrics.steps(), self._read_view(self._view), self.window_s)
+        return panels.draw(fig, self.worker.metrics.steps(), self._read_view(), self.window_s)
 
     def save(self, path: str | Path) -> Path:
         """Write snapshot() as a PNG file; returns the path."""
@@ -107,16 +103,10 @@ class Dashboard:
         self.snapshot().savefig(path, format="png")
         return path
 
-    def _read_view(self, fallback: panels.WorkerView | None) -> panels.WorkerView:
-        """Model and device from the worker's Ready message; the last known ones once it has stopped."""
-        try:
-            info = self.worker.info
-        except ToolkitError:
-            if fallback is None:
-                raise
-            return fallback
-        self._view = panels.WorkerView(info.model, info.device, self.worker.settings.max_batch_size)
-        return self._view
+    def _read_view(self) -> panels.WorkerView:
+        """Model and device from the worker's Ready message (`info` keeps it after the worker has stopped)."""
+        info = self.worker.info
+        return panels.WorkerView(info.model, info.device, self.worker.settings.max_batch_size)
 
     # ---- notebook protocol --------------------------------------------------------------------
 
