@@ -11,6 +11,8 @@ import pytest
 
 from toolkit import models
 from toolkit.bench import SYSTEMS, main
+from toolkit.bench.cli import write_outputs
+from toolkit.bench.config import BenchConfig
 from toolkit.bench.drivers import drive_async, drive_steps
 from toolkit.bench.records import RequestRecord, SystemRun
 from toolkit.bench.stats import METRICS, latencies, summarize
@@ -149,3 +151,12 @@ def test_async_driver_honours_arrivals_and_max_concurrency() -> None:
     records, started = drive_async(streamer, requests, max_concurrency=3, desc="fake")
     assert streamer.peak == 3 and all(r.num_tokens == 10 and r.done for r in records)
     assert all(r.sent_at - started >= q.arrival_s for q, r in zip(requests, records, strict=True))
+
+
+def test_a_fractional_request_rate_keeps_the_whole_file_name(tmp_path) -> None:
+    """`with_suffix` would cut "random-poisson-2.5rps-float32" at its dot, and runs in two dtypes would collide."""
+    cfg = BenchConfig(request_rate=2.5, out=str(tmp_path), plot=False)
+    write_outputs(cfg, {"config": cfg.to_dict()}, {}, {}, "title")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "random-poisson-2.5rps-float32.json", "random-poisson-2.5rps-float32.md",
+    ]

@@ -146,7 +146,8 @@ def write_outputs(cfg: BenchConfig, data: dict[str, Any], summaries: dict[str, d
                   samples: dict[str, dict[str, list[float]]], title: str) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = ((out / cfg.stem).with_suffix(suffix) for suffix in (".json", ".md", ".png"))
+    # appended, not with_suffix(): a stem such as "random-poisson-2.5rps-float32" holds a dot
+    json_path, md_path, png_path = (out / f"{cfg.stem}{ext}" for ext in (".json", ".md", ".png"))
     write_json(json_path, data)
     md_path.write_text(markdown(summaries, title))
     written = [json_path, md_path]
