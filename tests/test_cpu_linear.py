@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toolkit.cpu_linear import cpu_linear, cpu_linear_kernels
+from toolkit.layers.linear import cpu_linear, cpu_linear_kernels
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 64, 300])

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from toolkit import models
-from toolkit.detokenizer import REPLACEMENT, IncrementalDetokenizer, StopStringMatcher
+from toolkit.pipeline.detokenizer import REPLACEMENT, IncrementalDetokenizer, StopStringMatcher
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from toolkit import models
-from toolkit.embeddings import EmbeddingRecipe, EmbeddingsEngine, EmbeddingsScheduler
+from toolkit.embeddings.engine import EmbeddingRecipe, EmbeddingsEngine
+from toolkit.embeddings.scheduler import EmbeddingsScheduler
 from toolkit.errors import ModelNotFoundError
-from toolkit.messages import EmbedRequest, EmbedResult, Ready
 from toolkit.settings import Settings
+from toolkit.worker.messages import EmbedRequest, EmbedResult, Ready
 
 pytestmark = pytest.mark.timeout(180)
 

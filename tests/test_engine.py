@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from toolkit import models
-from toolkit.engine import Engine
+from toolkit.engine.core import Engine
 from toolkit.errors import InvalidRequestError
-from toolkit.messages import GenerateRequest, Ready, SamplingParams, StepMetrics
 from toolkit.settings import Settings
+from toolkit.worker.messages import GenerateRequest, Ready, SamplingParams, StepMetrics
 
 NEAR_TIE = 1e-3
 

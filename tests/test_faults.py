@@ -43,9 +43,9 @@ from toolkit import (
     WorkerState,
     start_model_worker,
 )
-from toolkit import messages as m
-from toolkit.engine_queue import EngineQueue
-from toolkit.worker import Sink
+from toolkit.worker import messages as m
+from toolkit.worker.client import Sink
+from toolkit.worker.engine_queue import EngineQueue
 
 SMALL_CACHE_BLOCKS = 24  # x 16 tokens = 384: a third of what 8 requests of ~70 tokens need at once
 REPO = Path(__file__).resolve().parents[1]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from toolkit.kv_cache import BlockManager, OutOfBlocksError
-from toolkit.messages import GenerateRequest
-from toolkit.scheduler import Sequence
+from toolkit.engine.block_manager import BlockManager, OutOfBlocksError
+from toolkit.engine.request import Sequence
+from toolkit.worker.messages import GenerateRequest
 
 
 def make_seq(rid: str, prompt_len: int) -> Sequence:

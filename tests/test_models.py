@@ -13,6 +13,7 @@ import torch
 
 from toolkit import models
 from toolkit.errors import InvalidRequestError, ModelNotFoundError
+from toolkit.models import loading
 
 try:
     from tests import factories
@@ -165,15 +166,15 @@ def test_cache_write_is_atomic_and_stamped(tiny: tuple, tmp_path: Path) -> None:
     source = tmp_path / "fake.gguf"
     source.write_bytes(b"gguf")
     cached = tmp_path / "cache" / "m"
-    writers = [threading.Thread(target=models._write_cache, args=(*tiny, cached, source)) for _ in range(2)]
+    writers = [threading.Thread(target=loading._write_cache, args=(*tiny, cached, source)) for _ in range(2)]
     for writer in writers:
         writer.start()
     for writer in writers:
         writer.join(timeout=60)
-    assert models._cache_valid(cached, source)
+    assert loading._cache_valid(cached, source)
     assert sorted(p.name for p in cached.parent.iterdir()) == ["m"]  # no temp dir left behind
     os.utime(source, ns=(0, 0))
-    assert not models._cache_valid(cached, source)  # a changed GGUF makes the copy stale
+    assert not loading._cache_valid(cached, source)  # a changed GGUF makes the copy stale
 
 
 @pytest.mark.slow

@@ -18,12 +18,14 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from toolkit.kv_cache import BlockManager
-from toolkit.messages import GenerateRequest
+from toolkit.engine.block_manager import BlockManager
+from toolkit.engine.request import Sequence
+from toolkit.engine.runner import ModelRunner
+from toolkit.engine.scheduler import ScheduledSequence
+from toolkit.layers.attention import ATTN_IMPLEMENTATION, paged_attention
+from toolkit.layers.kv_cache import num_blocks_for_budget
 from toolkit.models import build_tiny_llama
-from toolkit.paged_attention import ATTN_IMPLEMENTATION, paged_attention
-from toolkit.runner import ModelRunner, num_blocks_for_budget
-from toolkit.scheduler import ScheduledSequence, Sequence
+from toolkit.worker.messages import GenerateRequest
 
 BLOCK = 4
 SMALL = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -174,6 +176,6 @@ def test_num_blocks_for_budget(llama: torch.nn.Module) -> None:
 
 
 def _output(scheduled: list[ScheduledSequence]) -> object:
-    from toolkit.scheduler import SchedulerOutput
+    from toolkit.engine.scheduler import SchedulerOutput
 
     return SchedulerOutput(scheduled, [], sum(s.num_tokens for s in scheduled), 0)

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from toolkit.messages import SamplingParams
-from toolkit.sampling import Sampler, is_greedy
+from toolkit.engine.sampling import Sampler, is_greedy
+from toolkit.worker.messages import SamplingParams
 
 GREEDY = SamplingParams()
 

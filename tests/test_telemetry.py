@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from toolkit import ModelWorker, Settings, TokenGeneratorPipeline
-from toolkit import messages as m
-from toolkit.metrics import MetricsLog
 from toolkit.notebook import Dashboard, panels
+from toolkit.telemetry.metrics import MetricsLog
+from toolkit.worker import messages as m
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -181,7 +181,7 @@ dash = Dashboard(worker, interval_s=0.1).start()
 FEED_CELL = """
 import time
 from tests.test_telemetry import fake_steps
-from toolkit import messages as m
+from toolkit.worker import messages as m
 for i in range(1, 6):
     worker.metrics.add(m.Metrics(sent_at=float(i), busy=True, steps=fake_steps(5 * i)[-5:]))
     time.sleep(0.3)

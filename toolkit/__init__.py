@@ -1,7 +1,7 @@
 """Run a language model in a background worker process and drive it live from Jupyter."""
 
-from . import errors
-from .errors import (
+from toolkit import errors
+from toolkit.errors import (
     InvalidRequestError,
     QueueFullError,
     RequestCancelledError,
@@ -10,9 +10,9 @@ from .errors import (
     WorkerHungError,
     WorkerStartupError,
 )
-from .pipeline import Completion, EmbeddingsPipeline, StreamChunk, TokenGeneratorPipeline
-from .settings import Settings
-from .worker import ModelWorker, WorkerState, start_model_worker
+from toolkit.pipeline import Completion, EmbeddingsPipeline, StreamChunk, TokenGeneratorPipeline
+from toolkit.settings import Settings
+from toolkit.worker.client import ModelWorker, WorkerState, start_model_worker
 
 __all__ = [
     "Completion",

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from .settings import Settings
+from toolkit.settings import Settings
 
 DEMO_PROMPTS = [
     "In two sentences, what is continuous batching in LLM serving?",
@@ -19,8 +19,8 @@ DEMO_PROMPTS = [
 
 def demo(args: argparse.Namespace) -> int:
     """Start the worker on the embedded model, stream three chat answers at once, label chunks as they arrive."""
-    from .pipeline import TokenGeneratorPipeline
-    from .worker import start_model_worker
+    from toolkit.pipeline import TokenGeneratorPipeline
+    from toolkit.worker.client import start_model_worker
 
     settings = Settings(model=args.model, max_batch_size=8)
     print(f"starting a model worker for {settings.model!r} ...", flush=True)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="benchmark the toolkit beside transformers (see `bench --help`)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
+        from toolkit.bench import main as bench_main
 
         return bench_main(argv[1:])
     args = parser.parse_args(argv)

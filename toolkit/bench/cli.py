@@ -117,7 +117,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     The GEMM ceiling is measured before and after the systems and the better one kept: the cores are shared, and
     a probe that ran while someone else was busy would make every roofline fraction look too good.
     """
-    from .. import models
+    from toolkit import models
 
     tokenizer = models.load_tokenizer(cfg.model)
     requests = build_workload(tokenizer, cfg.workload, cfg.num_requests, cfg.input_len, cfg.output_len, cfg.seed,

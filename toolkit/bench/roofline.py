@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from toolkit.cpu_linear import cpu_linear
+from toolkit.layers.linear import cpu_linear
 
 PROBE_SHAPE = (512, 576, 1536)  # M x K x N: a prefill chunk through SmolLM2's MLP
 

@@ -35,7 +35,8 @@ def probe_model(cfg: BenchConfig) -> dict[str, Any]:
     """The model's parameter counts (for model FLOPs) and where it runs, without keeping the weights."""
     import torch
 
-    from .. import models
+    from toolkit import models
+
     from .roofline import param_counts
 
     if cfg.threads:

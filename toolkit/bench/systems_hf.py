@@ -25,7 +25,7 @@ from .workloads import BenchRequest, warmup_requests
 def load_model(cfg: BenchConfig, run: SystemRun) -> tuple[Any, Any]:
     from transformers.utils import logging as hf_logging
 
-    from .. import models
+    from toolkit import models
 
     hf_logging.set_verbosity_error()  # generation-config warnings would drown the progress bars
     if cfg.threads:
@@ -128,7 +128,7 @@ def start_cb(model: Any, cfg: BenchConfig, pad_id: int) -> Any:
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    from ..runner import num_blocks_for_budget
+    from toolkit.layers.kv_cache import num_blocks_for_budget
 
     generation = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=-1, pad_token_id=pad_id)
     num_blocks = num_blocks_for_budget(model.config, cfg.cb_page_size, model.dtype, cfg.kv_cache_gib)  # same memory

@@ -6,8 +6,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
-from ..messages import GenerateRequest
-from ..settings import Settings
+from toolkit.settings import Settings
+from toolkit.worker.messages import GenerateRequest
+
 from .config import BenchConfig
 from .drivers import drive_async, drive_steps
 from .memory import RssSampler
@@ -15,9 +16,9 @@ from .records import RequestRecord, SystemRun
 from .workloads import BenchRequest, warmup_requests
 
 if TYPE_CHECKING:
-    from ..engine import Engine
-    from ..pipeline import TokenGeneratorPipeline
-    from ..worker import ModelWorker
+    from toolkit.engine.core import Engine
+    from toolkit.pipeline import TokenGeneratorPipeline
+    from toolkit.worker.client import ModelWorker
 
 METRICS_SETTLE_S = 5.0  # the worker coalesces telemetry every metrics_interval_s; wait at most this for the tail
 
@@ -44,8 +45,8 @@ class PipelineStreamer:
 
 
 def run_toolkit(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
-    from ..pipeline import TokenGeneratorPipeline
-    from ..worker import start_model_worker
+    from toolkit.pipeline import TokenGeneratorPipeline
+    from toolkit.worker.client import start_model_worker
 
     run = SystemRun("toolkit")
     loading = time.perf_counter()
@@ -102,7 +103,7 @@ class EngineStepper:
 
 
 def run_toolkit_inprocess(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
-    from ..engine import Engine
+    from toolkit.engine.core import Engine
 
     run = SystemRun("toolkit-inprocess")
     loading = time.perf_counter()

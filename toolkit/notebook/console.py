@@ -17,9 +17,11 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ..errors import ToolkitError
-from ..pipeline import Completion, Prompt, RequestStream, TokenGeneratorPipeline
-from ..worker import Sink
+from toolkit.errors import ToolkitError
+from toolkit.pipeline import Completion, RequestStream, TokenGeneratorPipeline
+from toolkit.pipeline.generate import Prompt
+from toolkit.worker.client import Sink
+
 from .kernel import adopt_parent, current_parent
 
 IDLE_EXIT_S = 1.0  # the consumer thread exits after this long with nothing outstanding

@@ -12,7 +12,8 @@ from pathlib import Path
 from IPython.display import DisplayHandle, Image, display
 from matplotlib.figure import Figure
 
-from ..worker import ModelWorker
+from toolkit.worker.client import ModelWorker
+
 from . import panels
 from .kernel import adopt_parent, current_parent, in_kernel, show_figures_as_png
 

@@ -13,33 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from toolkit.cpu_linear import cpu_linear_kernels
-from toolkit.models import resolve_dtype
-from toolkit.paged_attention import ATTN_IMPLEMENTATION, DecodeGroup, PagedBatch, PagedKVCache, PrefillSpan
-from toolkit.sampling import Sampler
+from toolkit.engine.sampling import Sampler
+from toolkit.layers.attention import ATTN_IMPLEMENTATION, DecodeGroup, PagedBatch, PrefillSpan
+from toolkit.layers.kv_cache import PagedKVCache, as_dtype, kv_geometry
+from toolkit.layers.linear import cpu_linear_kernels
 
 if TYPE_CHECKING:
-    from toolkit.scheduler import ScheduledSequence, SchedulerOutput
-
-
-def kv_geometry(model_config: Any) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a decoder config (the text config of a multimodal one)."""
-    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, kv_heads, head_dim
-
-
-def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    return dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, "cpu")
-
-
-def num_blocks_for_budget(model_config: Any, block_size: int, dtype: torch.dtype | str, gib: float) -> int:
-    """How many KV blocks fit in `gib` GiB: each block holds K and V of block_size tokens for every layer."""
-    layers, kv_heads, head_dim = kv_geometry(model_config)
-    block_bytes = 2 * layers * kv_heads * head_dim * block_size * as_dtype(dtype).itemsize
-    return max(1, int(gib * 2**30) // block_bytes)
+    from toolkit.engine.scheduler import ScheduledSequence, SchedulerOutput
 
 
 @dataclass(slots=True)

@@ -15,9 +15,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import messages as m
-from .engine_queue import EngineQueue
-from .settings import Settings
+from toolkit.settings import Settings
+from toolkit.worker import messages as m
+from toolkit.worker.engine_queue import EngineQueue
 
 log = logging.getLogger("toolkit.worker")
 
@@ -58,16 +58,16 @@ def _exit(code: int) -> None:
 
 
 def _load(settings: Settings) -> tuple[Any, m.Ready]:
-    from . import models
+    from toolkit import models
 
     started = time.perf_counter()
     if models.resolve(settings.model).task == "embed":
-        from .embeddings import EmbeddingsEngine
+        from toolkit.embeddings.engine import EmbeddingsEngine
 
         engine: Any = EmbeddingsEngine(settings)
         tokenizer_dir = ""
     else:
-        from .engine import Engine
+        from toolkit.engine.core import Engine
 
         engine = Engine(settings)
         tokenizer_dir = str(Path(settings.ipc_dir or ".", "tokenizer"))

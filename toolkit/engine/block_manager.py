@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from toolkit.scheduler import Sequence
+    from toolkit.engine.request import Sequence
 
 
 class OutOfBlocksError(RuntimeError):

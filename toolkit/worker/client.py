@@ -24,12 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import messages as m
-from . import worker_main
-from .engine_queue import EngineQueue
-from .errors import QueueFullError, WorkerCrashedError, WorkerHungError, WorkerNotRunningError, WorkerStartupError
-from .metrics import MetricsLog
-from .settings import Settings
+from toolkit.errors import (
+    QueueFullError,
+    WorkerCrashedError,
+    WorkerHungError,
+    WorkerNotRunningError,
+    WorkerStartupError,
+)
+from toolkit.settings import Settings
+from toolkit.telemetry.metrics import MetricsLog
+from toolkit.worker import messages as m
+from toolkit.worker import process as worker_process
+from toolkit.worker.engine_queue import EngineQueue
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +88,7 @@ class _Connection:
         self.on_hang = on_hang
         self.queue = EngineQueue.parent(self.ipc_dir)
         ctx = mp.get_context("spawn")
-        self.process = ctx.Process(target=worker_main.run, args=(self.settings,), name="toolkit-worker", daemon=True)
+        self.process = ctx.Process(target=worker_process.run, args=(self.settings,), name="toolkit-worker", daemon=True)
         self.pending: dict[str, _Pending] = {}
         self.lock = threading.RLock()  # re-entrant: a dropped stream's __del__ may cancel from inside a locked section
         self.state = WorkerState.STARTING

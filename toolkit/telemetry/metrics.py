@@ -9,7 +9,7 @@ import msgspec
 import numpy as np
 import pandas as pd
 
-from .messages import Metrics, RequestMetrics, StepMetrics
+from toolkit.worker.messages import Metrics, RequestMetrics, StepMetrics
 
 STEP_COLUMNS = list(StepMetrics.__struct_fields__)
 REQUEST_COLUMNS = list(RequestMetrics.__struct_fields__)

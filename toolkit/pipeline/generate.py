@@ -1,4 +1,4 @@
-"""TokenGeneratorPipeline and EmbeddingsPipeline: the main-process side of a request.
+"""TokenGeneratorPipeline: the main-process side of a generation request.
 
 Validate and tokenize (so bad input fails here, before anything is sent), submit to the worker, stream back,
 detokenize, cut at stop strings. Closing a stream, dropping it, or Ctrl-C cancels the request in the worker.
@@ -13,47 +13,19 @@ import os
 import queue
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from . import messages as m
-from .detokenizer import IncrementalDetokenizer, StopStringMatcher
-from .errors import InvalidRequestError, RemoteError, RequestCancelledError, ToolkitError
-from .worker import ModelWorker, Sink
+from toolkit.errors import InvalidRequestError, RemoteError, ToolkitError
+from toolkit.pipeline.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from toolkit.pipeline.inputs import check_encodable, check_messages, check_stop, is_int, is_real, kind
+from toolkit.pipeline.outputs import Completion, StreamChunk
+from toolkit.worker import messages as m
+from toolkit.worker.client import ModelWorker, Sink
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
-ROLES = {"system", "user", "assistant", "tool"}
 _ids = itertools.count()
-
-
-@dataclass(slots=True)
-class StreamChunk:
-    """What one worker step added to a request: new text, new token ids, and the finish reason on the last one."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-
-
-@dataclass(slots=True)
-class Completion:
-    """A finished request. finish_reason: "stop" (EOS, stop token or stop string), "length" or "cancelled"."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    prompt_tokens: int
-    ttft_s: float | None = None
-    e2e_s: float = 0.0
-    chunks: int = field(default=0, repr=False)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return len(self.token_ids) / self.e2e_s if self.e2e_s > 0 else 0.0
 
 
 def new_request_id() -> str:
@@ -89,21 +61,21 @@ class TokenGeneratorPipeline:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InvalidRequestError("prompt is empty or only whitespace")
-            _check_encodable(prompt)
+            check_encodable(prompt)
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(x, dict) for x in prompt):
-            _check_messages(prompt)
+            check_messages(prompt)
             ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
             if not isinstance(ids, list):
                 ids = list(ids["input_ids"])
-        elif isinstance(prompt, Sequence) and prompt and all(_is_int(x) for x in prompt):
+        elif isinstance(prompt, Sequence) and prompt and all(is_int(x) for x in prompt):
             ids = [int(x) for x in prompt]
             bad = [x for x in ids if not 0 <= x < info.vocab_size]
             if bad:
                 raise InvalidRequestError(f"token ids outside the vocabulary [0, {info.vocab_size}): {bad[:5]}")
         else:
             raise InvalidRequestError(
-                f"prompt must be a non-empty str, a list of chat messages or a list of token ids, not {_kind(prompt)}"
+                f"prompt must be a non-empty str, a list of chat messages or a list of token ids, not {kind(prompt)}"
             )
         if not ids:
             raise InvalidRequestError("prompt tokenizes to no tokens")
@@ -129,22 +101,22 @@ class TokenGeneratorPipeline:
     ) -> tuple[m.GenerateRequest, list[str]]:
         """Validate every parameter, tokenize, and return the request plus its stop strings."""
         info = self.worker.info
-        if not _is_int(max_new_tokens) or not 0 < max_new_tokens <= info.max_model_len:
+        if not is_int(max_new_tokens) or not 0 < max_new_tokens <= info.max_model_len:
             raise InvalidRequestError(
                 f"max_new_tokens must be an int in [1, {info.max_model_len}], not {max_new_tokens!r}"
             )
-        if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        if not is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
             raise InvalidRequestError(f"temperature must be a finite number >= 0, not {temperature!r}")
-        if not _is_real(top_p) or not 0 < top_p <= 1:
+        if not is_real(top_p) or not 0 < top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], not {top_p!r}")
-        if not _is_int(top_k) or top_k < 0:
+        if not is_int(top_k) or top_k < 0:
             raise InvalidRequestError(f"top_k must be an int >= 0 (0 = off), not {top_k!r}")
-        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+        if seed is not None and (not is_int(seed) or not 0 <= seed < 2**63):
             raise InvalidRequestError(f"seed must be None or an int in [0, 2**63), not {seed!r}")
         if not isinstance(ignore_eos, bool):
             raise InvalidRequestError(f"ignore_eos must be a bool, not {ignore_eos!r}")
-        stops = _check_stop(stop)
-        if not all(_is_int(t) and 0 <= t < info.vocab_size for t in stop_token_ids):
+        stops = check_stop(stop)
+        if not all(is_int(t) and 0 <= t < info.vocab_size for t in stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be token ids in [0, {info.vocab_size})")
         ids = self.tokenize(prompt)
         sampling = m.SamplingParams(float(temperature), float(top_p), int(top_k), None if seed is None else int(seed))
@@ -305,75 +277,3 @@ class RequestStream:
             self.close()
 
 
-class EmbeddingsPipeline:
-    """Texts in, one L2-normalised vector per text out (numpy), from a worker running an embedding model."""
-
-    def __init__(self, worker: ModelWorker) -> None:
-        if worker.info.task != "embed":
-            raise InvalidRequestError(f"worker runs {worker.info.model!r}, not an embedding model")
-        self.worker = worker
-
-    def embed(self, texts: str | Sequence[str], timeout_s: float | None = None) -> np.ndarray:
-        single = isinstance(texts, str)
-        batch = [texts] if single else list(texts) if isinstance(texts, Sequence) else None
-        if not batch or not all(isinstance(t, str) for t in batch):
-            raise InvalidRequestError(f"texts must be a str or a non-empty list of str, not {_kind(texts)}")
-        for t in batch:
-            _check_encodable(t)
-        sink = Sink()
-        request = m.EmbedRequest(new_request_id(), batch, time.time())
-        self.worker.submit(request, sink)
-        try:
-            item = sink.items.get(timeout=timeout_s)
-        except BaseException:  # Ctrl-C or timeout: nobody will read the vectors
-            self.worker.cancel([request.request_id])
-            raise
-        if isinstance(item, BaseException):
-            raise item
-        if isinstance(item, m.RequestFailed):
-            raise remote_error(item)
-        if isinstance(item, m.TokenDelta):
-            raise RequestCancelledError(f"embedding request {request.request_id} was cancelled")
-        vectors = np.frombuffer(item.vectors, dtype=np.float32).reshape(item.shape)
-        return vectors[0] if single else vectors
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool)
-
-
-def _kind(x: object) -> str:
-    if isinstance(x, (list, tuple)) and x:
-        return f"{type(x).__name__} of {type(x[0]).__name__}"
-    return repr(x) if x is None or x == [] else type(x).__name__
-
-
-def _check_encodable(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequestError(f"text is not valid Unicode (lone surrogate at {exc.start})") from None
-
-
-def _check_messages(messages: Sequence[dict[str, Any]]) -> None:
-    for i, msg in enumerate(messages):
-        if "role" not in msg or "content" not in msg:
-            raise InvalidRequestError(f"message {i} must have 'role' and 'content' (got keys {sorted(msg)})")
-        if msg["role"] not in ROLES:
-            raise InvalidRequestError(f"message {i} has unknown role {msg['role']!r}; use one of {sorted(ROLES)}")
-        if not isinstance(msg["content"], str):
-            raise InvalidRequestError(f"message {i} content must be a str, not {type(msg['content']).__name__}")
-        _check_encodable(msg["content"])
-    if not any(msg["content"].strip() for msg in messages):
-        raise InvalidRequestError("every message is empty")
-
-
-def _check_stop(stop: str | Sequence[str] | None) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if not all(isinstance(s, str) and s for s in stops):
-        raise InvalidRequestError(f"stop must be a non-empty str or a list of them, not {stop!r}")
-    return stops

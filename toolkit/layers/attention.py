@@ -13,52 +13,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from toolkit.layers.kv_cache import PagedKVCache
+
 ATTN_IMPLEMENTATION = "toolkit_paged"
-
-
-@dataclass(slots=True)
-class PagedKVCache:
-    """Per-layer K and V, each [num_kv_heads, num_blocks * block_size, head_dim].
-
-    Heads come first so that gathering whole blocks with one `index_select` on dim 1 yields [KV, B, L, D] directly,
-    the layout the grouped decode matmuls want, with no permute copy afterwards.
-    """
-
-    num_blocks: int
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-    key: list[torch.Tensor] = field(default_factory=list)
-    value: list[torch.Tensor] = field(default_factory=list)
-
-    @classmethod
-    def allocate(
-        cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device | str,
-    ) -> PagedKVCache:
-        """Preallocate every layer once (zeros, so padded reads are finite) instead of growing per step."""
-        shape = (num_kv_heads, num_blocks * block_size, head_dim)
-        cache = cls(num_blocks, block_size, num_kv_heads, head_dim)
-        for _ in range(num_layers):
-            cache.key.append(torch.zeros(shape, dtype=dtype, device=device))
-            cache.value.append(torch.zeros(shape, dtype=dtype, device=device))
-        return cache
-
-    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store this step's new K/V ([KV, T, D]) at their slots (block * block_size + offset)."""
-        self.key[layer].index_copy_(1, slots, key)
-        self.value[layer].index_copy_(1, slots, value)
-
-    def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of whole blocks, [KV, len(blocks) * block_size, D]: one contiguous copy per tensor."""
-        shape = (self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim)
-        out_shape = (self.num_kv_heads, -1, self.head_dim)
-        k = self.key[layer].view(shape).index_select(1, blocks).view(out_shape)
-        v = self.value[layer].view(shape).index_select(1, blocks).view(out_shape)
-        return k, v
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.key, *self.value))
 
 
 @dataclass(slots=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from .messages import FromWorker, ToWorker
+from toolkit.worker.messages import FromWorker, ToWorker
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,14 @@ import psutil
 import torch
 
 from toolkit import models
+from toolkit.engine.block_manager import BlockManager
+from toolkit.engine.request import Sequence
+from toolkit.engine.runner import ModelRunner
+from toolkit.engine.scheduler import SchedulerOutput, TokenGenerationScheduler
 from toolkit.errors import InvalidRequestError
-from toolkit.kv_cache import BlockManager
-from toolkit.messages import GenerateRequest, RequestMetrics, StepMetrics, TokenDelta
-from toolkit.runner import ModelRunner, num_blocks_for_budget
-from toolkit.scheduler import SchedulerOutput, Sequence, TokenGenerationScheduler
+from toolkit.layers.kv_cache import num_blocks_for_budget
 from toolkit.settings import Settings
+from toolkit.worker.messages import GenerateRequest, RequestMetrics, StepMetrics, TokenDelta
 
 
 class Engine:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from toolkit.messages import SamplingParams
+from toolkit.worker.messages import SamplingParams
 
 
 def is_greedy(params: SamplingParams) -> bool:

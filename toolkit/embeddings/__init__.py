@@ -1,0 +1,1 @@
+"""The embedding worker's engine: `EmbeddingsScheduler` batches texts, `EmbeddingsEngine` embeds them."""

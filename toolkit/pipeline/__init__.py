@@ -1,0 +1,7 @@
+"""The main-process side of a request (MAX's chapter 3): validate, tokenize, submit, stream, detokenize."""
+
+from toolkit.pipeline.embed import EmbeddingsPipeline
+from toolkit.pipeline.generate import RequestStream, TokenGeneratorPipeline
+from toolkit.pipeline.outputs import Completion, StreamChunk
+
+__all__ = ["Completion", "EmbeddingsPipeline", "RequestStream", "StreamChunk", "TokenGeneratorPipeline"]

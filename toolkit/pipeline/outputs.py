@@ -1,0 +1,32 @@
+"""What a caller gets back: a streamed chunk, and a finished Completion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class StreamChunk:
+    """What one worker step added to a request: new text, new token ids, and the finish reason on the last one."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    """A finished request. finish_reason: "stop" (EOS, stop token or stop string), "length" or "cancelled"."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    ttft_s: float | None = None
+    e2e_s: float = 0.0
+    chunks: int = field(default=0, repr=False)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.e2e_s if self.e2e_s > 0 else 0.0
