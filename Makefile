@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser demo test lint unit notebooks bench soak clean
+.PHONY: install browser demo test lint unit notebooks notebooks-refresh bench soak clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ unit: install
 
 notebooks: install
 	TQDM_DISABLE=1 $(BIN)/pytest --nbval -p no:python notebooks $(PYTEST_ARGS)
+
+# Re-execute every notebook in place on the current code (their stamp cell records which code that was).
+notebooks-refresh: install
+	TQDM_DISABLE=1 $(BIN)/python -m toolkit.notebook.refresh notebooks/*.ipynb
 
 bench: install
 	$(BIN)/python -m toolkit bench
