@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from toolkit import ModelWorker, Settings, TokenGeneratorPipeline
+from tests.conftest import tiny_settings
+from toolkit import ModelWorker, Settings, TokenGeneratorPipeline, start_model_worker
+from toolkit.engine.request import Sequence
 from toolkit.notebook import Dashboard, panels
 from toolkit.telemetry.metrics import MetricsLog
 from toolkit.worker import messages as m
@@ -45,7 +48,11 @@ def test_a_burst_of_24_shows_batching_and_every_requests_timings(
     assert (steps.kv_blocks_used <= steps.kv_blocks_total).all() and steps.kv_blocks_used.max() > 0
     assert set(steps.kind) <= {"prefill", "decode", "mixed"} and "decode" in set(steps.kind)
     assert steps.decode_tokens.sum() == 24 * 15, "each request's first token comes from its prefill"
-    assert steps.t.is_monotonic_increasing and (steps.step_ms >= steps.forward_ms).all()
+    assert steps.t.is_monotonic_increasing and (steps.pid == tiny_worker.pid).all()
+    phases = steps[["schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "update_ms"]]
+    assert (phases >= 0).all().all() and (steps.forward_ms > 0).all()
+    assert (steps.step_ms >= phases.sum(axis=1)).all(), "forward_ms is the forward alone; the phases fit in a step"
+    assert (steps.device_util > 0).all(), "CPU steps report the worker's CPU use"
 
     reqs = tiny_worker.metrics.requests().set_index("request_id").loc[sorted(ids)]
     assert len(reqs) == 24
@@ -63,6 +70,112 @@ def test_metrics_double_as_a_heartbeat_while_idle(tiny_worker: ModelWorker) -> N
     before = tiny_worker.metrics.last_heartbeat
     wait_until(lambda: tiny_worker.metrics.last_heartbeat != before, timeout_s=3)
     assert tiny_worker.health()["heartbeat_age_s"] < 3
+
+
+# ---- one time base across restarts, and nothing lost on a clean stop --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def held_metrics_worker() -> Iterator[ModelWorker]:
+    """Step rows held for 30 s: whatever reaches the log before then came from the flush on Shutdown."""
+    with start_model_worker(tiny_settings(metrics_interval_s=30.0)) as worker:
+        yield worker
+
+
+@pytest.mark.timeout(180)
+def test_a_restart_right_after_a_request_keeps_that_requests_step_rows(held_metrics_worker: ModelWorker) -> None:
+    worker = held_metrics_worker
+    pipe = TokenGeneratorPipeline(worker)
+    worker.metrics.reset()
+    done = pipe.generate("flush me", max_new_tokens=8, ignore_eos=True)
+    assert worker.metrics.steps().empty, "the worker still holds the rows (metrics_interval_s=30)"
+    old_pid = worker.pid
+    worker.restart()
+
+    steps = worker.metrics.steps()
+    assert (steps.pid == old_pid).all() and steps.output_tokens.sum() == 8 and steps.decode_tokens.sum() == 7
+    reqs = worker.metrics.requests()
+    (row,) = reqs[reqs.request_id == done.request_id].itertuples()
+    assert (row.pid, row.output_tokens, row.finish_reason) == (old_pid, 8, "length")
+
+
+@pytest.mark.timeout(180)
+def test_a_restart_between_two_requests_keeps_one_time_base(held_metrics_worker: ModelWorker) -> None:
+    worker = held_metrics_worker
+    pipe = TokenGeneratorPipeline(worker)
+    worker.metrics.reset()
+    pipe.generate("before the restart", max_new_tokens=6, ignore_eos=True)
+    first_pid = worker.pid
+    worker.restart()
+    pipe.generate("after the restart", max_new_tokens=6, ignore_eos=True)
+    second_pid = worker.pid
+    worker.restart()  # flushes the second worker's rows too
+
+    steps = worker.metrics.steps()
+    assert first_pid != second_pid and steps.t.is_monotonic_increasing
+    assert list(dict.fromkeys(steps.pid)) == [first_pid, second_pid], "rows in order, each naming its worker"
+    assert steps.t.iloc[-1] - steps.t.iloc[0] < 600, "one wall clock, not a per-process one"
+    summary = worker.metrics.summary(worker.settings.max_batch_size)
+    assert all(math.isfinite(v) for v in summary.values()), summary
+    assert summary["workers"] == 2 and summary["span_s"] > 0 and summary["output_tokens_per_s"] > 0
+    assert summary["ttft_s_count"] == summary["itl_mean_s_count"] == summary["e2e_s_count"] == 2
+
+
+def request_row(rid: str, ttft: float, itl: float, e2e: float, out: int, reason: str) -> m.RequestMetrics:
+    return m.RequestMetrics(rid, prompt_tokens=5, output_tokens=out, queued_s=min(ttft, 0.01), ttft_s=ttft,
+                            itl_mean_s=itl, e2e_s=e2e, finish_reason=reason)
+
+
+def test_percentiles_skip_missing_values_and_say_how_many_rows_they_cover() -> None:
+    nan = math.nan
+    log = MetricsLog()
+    log.add(m.Metrics(sent_at=0.0, busy=False, requests=[
+        request_row("a", 0.1, 0.02, 0.5, 20, "length"),
+        request_row("b", 0.3, 0.04, 0.9, 20, "length"),
+        request_row("cancelled-early", nan, nan, 0.2, 0, "cancelled"),
+        request_row("one-token", 0.2, nan, 0.2, 1, "length"),
+        request_row("embedding", 0.05, nan, 0.05, 0, "stop"),
+    ]))
+    summary = log.summary()
+    assert all(math.isfinite(v) for v in summary.values()), summary
+    assert (summary["ttft_s_count"], summary["itl_mean_s_count"], summary["e2e_s_count"]) == (4, 2, 5)
+    assert summary["ttft_s_p50"] == pytest.approx(0.15) and summary["itl_mean_s_p50"] == pytest.approx(0.03)
+    assert summary["e2e_s_p99"] == pytest.approx(np.percentile([0.5, 0.9, 0.2, 0.2, 0.05], 99))
+
+
+def test_the_span_is_never_negative_even_when_rows_come_out_of_order() -> None:
+    """Steps of a second worker stamped earlier than the first's (a clock stepped back): rates stay sane."""
+    first, second = fake_steps(10), fake_steps(10)
+    for row in first:
+        row.t, row.pid = 1000.0 + row.t, 1
+    for row in second:
+        row.t, row.pid = 990.0 + row.t, 2
+    log = MetricsLog()
+    log.add(m.Metrics(sent_at=0.0, busy=True, steps=first + second))
+    summary = log.summary()
+    assert summary["span_s"] == pytest.approx(1000.9 - (990.0 - 0.09))
+    assert summary["workers"] == 2 and 0 < summary["total_tokens_per_s"] < 1e6
+    assert MetricsLog().summary() == {"steps": 0.0, "requests": 0.0}
+
+
+def test_an_output_of_one_token_has_no_inter_token_latency() -> None:
+    seq = Sequence.from_request(m.GenerateRequest("r", [1, 2, 3], max_new_tokens=1))
+    seq.append_token(7, now=10.0)
+    assert math.isnan(seq.itl_mean)
+    seq.append_token(8, now=10.5)
+    assert seq.itl_mean == pytest.approx(0.5)
+
+
+@pytest.mark.timeout(120)
+def test_completion_times_end_when_the_request_finished_not_when_read(tiny_pipe: TokenGeneratorPipeline) -> None:
+    stream = tiny_pipe.stream("finish, then wait to be read", max_new_tokens=4, ignore_eos=True)
+    wait_until(lambda: stream.sink.finished_at is not None, timeout_s=60)
+    time.sleep(1.0)
+    done = stream.result()
+    arrival = stream.request.arrival_time
+    assert done.e2e_s == pytest.approx(stream.sink.finished_at - arrival)
+    assert time.time() - arrival - done.e2e_s >= 1.0, "the second spent unread is not part of e2e_s"
+    assert done.ttft_s is not None and 0 < done.ttft_s <= done.e2e_s
 
 
 # ---- the dashboard on the real worker ---------------------------------------------------------------------
@@ -152,6 +265,22 @@ def test_an_empty_log_draws_placeholders() -> None:
     assert sum("no steps yet" in t.get_text() for ax in fig.axes for t in ax.texts) == 4
 
 
+def test_a_restart_is_marked_and_both_workers_bins_are_drawn() -> None:
+    first, second = fake_steps(10), fake_steps(10)
+    for row in first:
+        row.t, row.pid = 1.7e9 + row.t, 11
+    for row in second:
+        row.t, row.pid = 1.7e9 + 5 + row.t, 12  # five seconds of restart in between
+    worker = FakeWorker(device="cpu")
+    worker.metrics.add(m.Metrics(sent_at=0.0, busy=True, steps=first + second))
+    fig = Dashboard(worker).snapshot()  # type: ignore[arg-type]
+    dashed = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert [line.get_xdata()[0] for line in dashed] == [pytest.approx(5.09)], "one restart, 5.09 s after the start"
+    steps = panels.since_first_step(worker.metrics.steps())
+    rates = panels.throughput(steps, bin_s=0.5)
+    assert rates.index.min() >= 0 and rates.prefill_tok_s.sum() * 0.5 == pytest.approx(80)
+
+
 def test_throughput_bins_conserve_tokens() -> None:
     log = MetricsLog()
     log.add(m.Metrics(sent_at=0.0, busy=True, steps=fake_steps(50, dt=0.1)))
@@ -164,10 +293,14 @@ def test_throughput_bins_conserve_tokens() -> None:
     assert panels.throughput(steps.iloc[:0]).empty
 
 
-def test_embedding_steps_count_their_batch_as_occupancy() -> None:
+def test_occupancy_is_the_steps_batch_for_every_kind_in_summary_and_dashboard() -> None:
     steps = pd.DataFrame({"kind": ["embed", "decode"], "batch_size": [4, 3], "num_running": [0, 2]})
-    assert list(panels.occupancy(steps, 8)) == [0.5, 0.25]
-    assert not math.isnan(panels.occupancy(steps, 8).sum())
+    assert list(panels.occupancy(steps, 8)) == [0.5, 0.375]
+    log = MetricsLog()
+    log.add(m.Metrics(sent_at=0.0, busy=True, steps=fake_steps(20)))
+    summary = log.summary(max_batch_size=8)
+    assert summary["mean_occupancy"] == pytest.approx(panels.occupancy(log.steps(), 8).mean())
+    assert summary["max_occupancy"] == 1.0
 
 
 # ---- in a real kernel (ipykernel 7 routes a thread's output by its parent message) ------------------------

@@ -35,7 +35,10 @@ class Settings(BaseSettings):
     hang_timeout_s: float = Field(60.0, gt=0, description="silence while busy after which requests get WorkerHungError")
     restart_on_hang: bool = Field(False, description="kill and restart a hung worker")
     shutdown_timeout_s: float = Field(5.0, gt=0, description="grace for each shutdown stage before escalating")
-    metrics_interval_s: float = Field(0.25, gt=0, description="how often coalesced metrics (and heartbeats) are sent")
+    metrics_interval_s: float = Field(
+        0.25, gt=0, description="how often coalesced metrics (and heartbeats) are sent; a shutdown or restart sends "
+        "the rest, a killed worker (SIGKILL, hang) loses at most this much of its step rows",
+    )
     metrics_capacity: int = Field(100_000, gt=0, description="rows kept by MetricsLog before the oldest are dropped")
     cache_dir: str | None = Field(None, description="converted-model cache; None: ~/.cache/toolkit")
     log_dir: str | None = Field(None, description="where worker logs go; None: the worker's private temp dir")

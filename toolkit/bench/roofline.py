@@ -53,9 +53,15 @@ def _sync(device: str) -> None:
 
 
 def param_counts(model: Any) -> tuple[int, int]:
-    """(unique parameters, parameters of the output projection): prompt tokens skip the lm_head."""
+    """(parameters a token is multiplied by, those of the output projection): prompt tokens skip the lm_head.
+
+    The input embedding is a lookup, not a product: an untied one is left out (counting it would overstate the
+    model FLOPs, and the roofline fraction, by up to 2x for small models); a tied one counts once, as the lm_head.
+    """
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
-    head = model.get_output_embeddings()
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if embed is not None and (head is None or embed.weight is not head.weight):
+        total -= embed.weight.numel()
     return total, (head.weight.numel() if head is not None else 0)
 
 

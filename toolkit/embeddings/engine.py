@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 
 from toolkit import models
-from toolkit.embeddings.scheduler import EmbeddingsScheduler, EmbedItem, EmbedJob
+from toolkit.embeddings.scheduler import EmbeddingsScheduler, EmbedJob
+from toolkit.engine.step_metrics import PhaseTimes, StepProbe
 from toolkit.errors import ModelNotFoundError
 from toolkit.settings import Settings
 from toolkit.worker.messages import EmbedRequest, EmbedResult, RequestMetrics, StepMetrics, TokenDelta
@@ -81,7 +81,7 @@ def _read_json(path: Path, default: Any) -> Any:
 
 
 class EmbeddingsEngine:
-    """The embedding worker's engine: same loop interface as the generation Engine (add / step / cancel)."""
+    """The embedding worker's engine, driven by the worker loop like the generation Engine (EngineProtocol)."""
 
     def __init__(self, settings: Settings, *, model: Any = None, tokenizer: Any = None) -> None:
         if settings.num_threads:
@@ -95,11 +95,11 @@ class EmbeddingsEngine:
         model_limit = int(getattr(model.config, "max_position_embeddings", 512))
         self.recipe = EmbeddingRecipe.from_dir(spec.source, min(model_limit, tokenizer.model_max_length))
         self.scheduler = EmbeddingsScheduler(settings.max_batch_size, settings.max_batch_tokens)
-        self.start_time = time.time()
         self._token_ids: dict[str, list[list[int]]] = {}
         self._vectors: dict[str, list[np.ndarray | None]] = {}
         self._finished: list[RequestMetrics] = []
-        self._process = psutil.Process()
+        self._probe = StepProbe(self.device)
+        self.timings = PhaseTimes()  # of the last embed_token_ids(); pooling counts as its "sample" phase
 
     def ready_info(self) -> dict[str, Any]:
         """The fields of messages.Ready that the engine knows (all but pid, load time and tokenizer dir)."""
@@ -137,7 +137,7 @@ class EmbeddingsEngine:
             job = self.scheduler.cancel(rid)
             if job is not None:
                 self._forget(rid)
-                self._finished.append(_request_metrics(job, "cancelled"))
+                self._finished.append(_request_metrics(job, "cancelled", self._probe.pid))
                 deltas.append(TokenDelta(rid, [], "cancelled"))
         return deltas
 
@@ -149,29 +149,47 @@ class EmbeddingsEngine:
 
     def step(self) -> tuple[list[EmbedResult], StepMetrics]:
         """Embed one batch of texts; one EmbedResult per request whose last text was in it."""
-        started = time.perf_counter()
+        probe = self._probe
+        probe.start()
         items = self.scheduler.schedule()
+        schedule_ms = probe.lap()
         batch = [self._token_ids[item.request_id][item.index] for item in items]
         vectors = self.embed_token_ids(batch)
-        forward_ms = (time.perf_counter() - started) * 1000
+        probe.lap()
         for item, vector in zip(items, vectors, strict=True):
             self._vectors[item.request_id][item.index] = vector
         results = [self._result(job) for job in self.scheduler.complete(items)]
-        metrics = self._step_metrics(items, forward_ms, (time.perf_counter() - started) * 1000)
+        update_ms = probe.lap()
+        phases = self.timings
+        metrics = probe.finish(
+            kind="embed", batch_size=len(items), prefill_tokens=sum(item.length for item in items), decode_tokens=0,
+            num_waiting=self.scheduler.num_waiting, num_running=0, kv_blocks_used=0, kv_blocks_total=0,
+            preemptions=0, schedule_ms=schedule_ms, prepare_ms=phases.prepare_ms, forward_ms=phases.forward_ms,
+            sample_ms=phases.sample_ms, update_ms=update_ms,
+        )
         return results, metrics
 
     def embed_token_ids(self, batch: list[list[int]]) -> np.ndarray:
         """One padded forward over the batch, then ST's pooling: float32 [len(batch), dim]."""
+        self.timings = timings = PhaseTimes()
         if not batch:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        started = time.perf_counter()
         longest = max(len(ids) for ids in batch)
         pad = self.tokenizer.pad_token_id or 0
         input_ids = torch.tensor([ids + [pad] * (longest - len(ids)) for ids in batch], device=self.device)
         mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in batch], device=self.device)
+        prepared = time.perf_counter()
         with torch.inference_mode():
             hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the forward's time, not pooling's
+            forwarded = time.perf_counter()
             pooled = self.recipe.pool(hidden, mask)
-        return pooled.cpu().numpy().astype(np.float32, copy=False)
+        vectors = pooled.cpu().numpy().astype(np.float32, copy=False)
+        timings.prepare_ms, timings.forward_ms = (prepared - started) * 1000, (forwarded - prepared) * 1000
+        timings.sample_ms = (time.perf_counter() - forwarded) * 1000
+        return vectors
 
     def pop_request_metrics(self) -> list[RequestMetrics]:
         """Timings of the requests finished since the last call."""
@@ -182,29 +200,21 @@ class EmbeddingsEngine:
         rows = self._vectors[job.request_id]
         matrix = np.stack(rows) if rows else np.zeros((0, self.embedding_dim), dtype=np.float32)
         self._forget(job.request_id)
-        self._finished.append(_request_metrics(job, "stop"))
+        self._finished.append(_request_metrics(job, "stop", self._probe.pid))
         return EmbedResult(job.request_id, np.ascontiguousarray(matrix, np.float32).tobytes(), matrix.shape)
 
     def _forget(self, request_id: str) -> None:
         self._token_ids.pop(request_id, None)
         self._vectors.pop(request_id, None)
 
-    def _step_metrics(self, items: list[EmbedItem], forward_ms: float, step_ms: float) -> StepMetrics:
-        on_cuda = self.device.type == "cuda"
-        return StepMetrics(
-            t=time.time() - self.start_time, kind="embed", batch_size=len(items),
-            prefill_tokens=sum(item.length for item in items), decode_tokens=0, step_ms=step_ms,
-            forward_ms=forward_ms, num_waiting=self.scheduler.num_waiting, num_running=0, kv_blocks_used=0,
-            kv_blocks_total=0, preemptions=0, rss_bytes=self._process.memory_info().rss,
-            device_mem_bytes=torch.cuda.memory_allocated(self.device) if on_cuda else 0,
-        )
 
-
-def _request_metrics(job: EmbedJob, finish_reason: str) -> RequestMetrics:
-    """An embedding arrives all at once: time to first output is the end-to-end time."""
+def _request_metrics(job: EmbedJob, finish_reason: str, pid: int) -> RequestMetrics:
+    """An embedding arrives all at once: time to first output is the end-to-end time (NaN if cancelled first)."""
     now = time.time()
     queued = math.nan if job.first_scheduled is None else job.first_scheduled - job.arrival_time
+    ttft = now - job.arrival_time if finish_reason == "stop" else math.nan
     return RequestMetrics(
         request_id=job.request_id, prompt_tokens=sum(job.lengths), output_tokens=0, queued_s=queued,
-        ttft_s=now - job.arrival_time, itl_mean_s=math.nan, e2e_s=now - job.arrival_time, finish_reason=finish_reason,
+        ttft_s=ttft, itl_mean_s=math.nan, e2e_s=now - job.arrival_time, finish_reason=finish_reason,
+        pid=pid,
     )

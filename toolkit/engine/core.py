@@ -10,14 +10,14 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import psutil
 import torch
 
 from toolkit import models
 from toolkit.engine.block_manager import BlockManager
 from toolkit.engine.request import Sequence
 from toolkit.engine.runner import ModelRunner
-from toolkit.engine.scheduler import SchedulerOutput, TokenGenerationScheduler
+from toolkit.engine.scheduler import TokenGenerationScheduler
+from toolkit.engine.step_metrics import StepProbe
 from toolkit.errors import InvalidRequestError
 from toolkit.layers.kv_cache import num_blocks_for_budget
 from toolkit.settings import Settings
@@ -53,11 +53,10 @@ class Engine:
         self.runner = ModelRunner(
             model, num_blocks=self.num_blocks, block_size=settings.block_size, device=self.device, dtype=self.dtype
         )
-        self.start_time = time.time()
         self.peak_batch_size = 0
         self._arrivals: dict[str, float] = {}
         self._finished: list[RequestMetrics] = []
-        self._process = psutil.Process()
+        self._probe = StepProbe(self.device)
 
     # ---- what the worker reports ------------------------------------------------------------------
 
@@ -113,19 +112,29 @@ class Engine:
 
     def step(self) -> tuple[list[TokenDelta], StepMetrics]:
         """Schedule, run one forward, apply the samples: one delta per request that got a token or finished."""
-        started = time.perf_counter()
+        probe = self._probe
+        probe.start()
         out = self.scheduler.schedule()
+        schedule_ms = probe.lap()
         sampled = self.runner.execute(out)
-        forward_ms = (time.perf_counter() - started) * 1000
+        probe.lap()
         finished = self.scheduler.update(out, sampled)
         for seq in finished:
             self._retire(seq)
+        update_ms = probe.lap()
         deltas = [
             TokenDelta(s.seq.request_id, [sampled[s.seq.request_id]], s.seq.finish_reason)
             for s in out.scheduled if s.seq.request_id in sampled
         ]
         self.peak_batch_size = max(self.peak_batch_size, len(out.scheduled))
-        return deltas, self._step_metrics(out, len(sampled), forward_ms, (time.perf_counter() - started) * 1000)
+        phases = self.runner.timings
+        return deltas, probe.finish(
+            kind=out.kind, batch_size=len(out.scheduled), prefill_tokens=out.num_prefill_tokens,
+            decode_tokens=out.num_decode_tokens, num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running, kv_blocks_used=self.kv_blocks_used, kv_blocks_total=self.num_blocks,
+            preemptions=len(out.preempted), output_tokens=len(sampled), schedule_ms=schedule_ms,
+            prepare_ms=phases.prepare_ms, forward_ms=phases.forward_ms, sample_ms=phases.sample_ms, update_ms=update_ms,
+        )
 
     def generate(self, requests: Iterable[GenerateRequest]) -> dict[str, list[int]]:
         """Submit all requests at once and step until every one has finished; {request_id: output token ids}."""
@@ -153,21 +162,10 @@ class Engine:
         """A finished or cancelled request: free its sampler state and record its timings."""
         self.runner.release(seq.request_id)
         arrival = self._arrivals.pop(seq.request_id, time.time())
-        self._finished.append(request_metrics(seq, arrival))
-
-    def _step_metrics(self, out: SchedulerOutput, sampled: int, forward_ms: float, step_ms: float) -> StepMetrics:
-        on_cuda = self.device.type == "cuda"
-        return StepMetrics(
-            t=time.time() - self.start_time, kind=out.kind, batch_size=len(out.scheduled),
-            prefill_tokens=out.num_prefill_tokens, decode_tokens=out.num_decode_tokens, step_ms=step_ms,
-            forward_ms=forward_ms, num_waiting=self.scheduler.num_waiting, num_running=self.scheduler.num_running,
-            kv_blocks_used=self.kv_blocks_used, kv_blocks_total=self.num_blocks,
-            preemptions=len(out.preempted), rss_bytes=self._process.memory_info().rss,
-            device_mem_bytes=torch.cuda.memory_allocated(self.device) if on_cuda else 0, output_tokens=sampled,
-        )
+        self._finished.append(request_metrics(seq, arrival, self._probe.pid))
 
 
-def request_metrics(seq: Sequence, arrival: float) -> RequestMetrics:
+def request_metrics(seq: Sequence, arrival: float, pid: int = 0) -> RequestMetrics:
     """queued / time-to-first-token / mean inter-token / end-to-end, all from the request's arrival; nan if never."""
     finish = seq.finish_time or time.time()
 
@@ -178,6 +176,7 @@ def request_metrics(seq: Sequence, arrival: float) -> RequestMetrics:
         request_id=seq.request_id, prompt_tokens=seq.num_prompt_tokens, output_tokens=seq.num_output_tokens,
         queued_s=since(seq.first_scheduled_time), ttft_s=since(seq.first_token_time), itl_mean_s=seq.itl_mean,
         e2e_s=finish - arrival, finish_reason=seq.finish_reason or "cancelled", preemptions=seq.num_preemptions,
+        pid=pid,
     )
 
 

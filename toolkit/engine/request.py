@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from toolkit.worker.messages import GenerateRequest
@@ -54,8 +55,8 @@ class Sequence:
 
     @property
     def itl_mean(self) -> float:
-        """Mean inter-token latency in seconds (0.0 with fewer than two output tokens)."""
-        return self.itl_sum / (self.num_output_tokens - 1) if self.num_output_tokens > 1 else 0.0
+        """Mean inter-token latency in seconds; NaN with fewer than two output tokens (no gap to measure)."""
+        return self.itl_sum / (self.num_output_tokens - 1) if self.num_output_tokens > 1 else math.nan
 
     def append_token(self, token_id: int, now: float) -> None:
         if self.last_token_time is None:

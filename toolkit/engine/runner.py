@@ -8,12 +8,14 @@ computed only for the last token of each sequence that samples. While our forwar
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from toolkit.engine.sampling import Sampler
+from toolkit.engine.step_metrics import PhaseTimes
 from toolkit.layers.attention import ATTN_IMPLEMENTATION, DecodeGroup, PagedBatch, PrefillSpan
 from toolkit.layers.kv_cache import PagedKVCache, as_dtype, kv_geometry
 from toolkit.layers.linear import cpu_linear_kernels
@@ -47,18 +49,27 @@ class ModelRunner:
         layers, kv_heads, head_dim = kv_geometry(model.config)
         self.cache = PagedKVCache.allocate(layers, num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
         self.sampler = Sampler(self.device)
+        self.timings = PhaseTimes()  # of the last execute(): the engine copies them into its StepMetrics
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         """Run one step; returns {request_id: token} for every scheduled sequence that samples."""
+        self.timings = timings = PhaseTimes()
         if not out.scheduled:
             return {}
+        started = time.perf_counter()
         step = self.prepare(out.scheduled)
+        prepared = time.perf_counter()
         logits = self.forward(step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # else the forward's time would show up in sampling's first sync
+        forwarded = time.perf_counter()
+        timings.prepare_ms, timings.forward_ms = (prepared - started) * 1000, (forwarded - prepared) * 1000
         if not step.sampling:
             return {}
         ids = [s.seq.request_id for s in step.sampling]
         tokens = self.sampler.sample(logits, ids, [s.seq.request.sampling for s in step.sampling])
+        timings.sample_ms = (time.perf_counter() - forwarded) * 1000
         return dict(zip(ids, tokens, strict=True))
 
     def release(self, request_id: str) -> None:

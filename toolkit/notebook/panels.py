@@ -15,6 +15,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from toolkit.telemetry.metrics import occupancy
+
 GIB = 1024**3
 # Fixed margins: rendering is ~1.5x faster than with constrained layout, which counts at 2 frames/s on a busy CPU.
 MARGINS = {"left": 0.07, "right": 0.93, "top": 0.9, "bottom": 0.09, "hspace": 0.3, "wspace": 0.3}
@@ -39,12 +41,6 @@ class WorkerView:
         return f"GPU {self.device}" if self.on_gpu else self.device.upper()
 
 
-def occupancy(steps: pd.DataFrame, max_batch_size: int) -> pd.Series:
-    """Running sequences / max_batch_size per step; an embedding worker has no running set, so its batch counts."""
-    running = steps.num_running.where(steps.kind != "embed", steps.batch_size)
-    return running / max_batch_size
-
-
 def throughput(steps: pd.DataFrame, bin_s: float | None = None) -> pd.DataFrame:
     """Prefill and decode tokens/s in time bins (tokens counted at each step's end time), empty bins as 0."""
     if steps.empty:
@@ -62,9 +58,17 @@ def new_figure() -> Figure:
     return Figure(figsize=(11, 6.5), dpi=72)
 
 
+def since_first_step(steps: pd.DataFrame) -> pd.DataFrame:
+    """`t` (wall clock) as seconds since the first logged step began: one axis across worker restarts."""
+    if steps.empty:
+        return steps
+    return steps.assign(t=steps.t - float(steps.t.iloc[0] - steps.step_ms.iloc[0] / 1000))
+
+
 def draw(fig: Figure, steps: pd.DataFrame, view: WorkerView, window_s: float | None = None) -> Figure:
     """Clear `fig` and draw occupancy, tokens/s, KV-cache use and queue depth over the last `window_s` seconds."""
     fig.clear()
+    steps = since_first_step(steps)
     if window_s is not None and not steps.empty:
         steps = steps[steps.t >= steps.t.iloc[-1] - window_s]
     axes = fig.subplots(2, 2, sharex=True, gridspec_kw=MARGINS)
@@ -73,7 +77,11 @@ def draw(fig: Figure, steps: pd.DataFrame, view: WorkerView, window_s: float | N
     _kv_cache(axes[1, 0], steps, view)
     _queue(axes[1, 1], steps)
     for ax in axes[1]:
-        ax.set_xlabel("seconds since the worker started")
+        ax.set_xlabel("seconds since the first logged step")
+    restarts = steps.t[steps.pid.ne(steps.pid.shift())].iloc[1:] if not steps.empty else []
+    for ax in axes.flat:  # a new worker process from here on
+        for t in restarts:
+            ax.axvline(t, color="gray", lw=0.8, ls="--")
     if steps.empty:
         for ax in axes.flat:
             ax.text(0.5, 0.5, "no steps yet", ha="center", va="center", transform=ax.transAxes, color="gray")
@@ -89,7 +97,7 @@ def render_png(fig: Figure) -> bytes:
 
 
 def _occupancy(ax: Axes, steps: pd.DataFrame, view: WorkerView) -> None:
-    ax.set_title(f"Batch occupancy (running / max_batch_size={view.max_batch_size})")
+    ax.set_title(f"Batch occupancy (batch / max_batch_size={view.max_batch_size})")
     ax.set_ylim(0, 1.05)
     ax.axhline(1.0, color="gray", lw=0.8, ls=":")
     if not steps.empty:

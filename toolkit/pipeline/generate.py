@@ -194,6 +194,7 @@ class RequestStream:
         self.finish_reason: str | None = None
         self.done = False
         self.first_token_at: float | None = None
+        self.finished_at: float | None = None  # when the last item reached this process (or close() cancelled)
         self.chunks = 0
 
     def on_item(self, item: object) -> StreamChunk | None:
@@ -206,7 +207,7 @@ class RequestStream:
             raise remote_error(item)
         assert isinstance(item, m.TokenDelta)
         if self.first_token_at is None and item.token_ids:
-            self.first_token_at = time.time()
+            self.first_token_at = self.sink.first_at or time.time()
         final = item.finish_reason is not None
         self.token_ids.extend(item.token_ids)
         piece = self.detok.add(item.token_ids) + (self.detok.flush() if final else "")
@@ -219,6 +220,7 @@ class RequestStream:
         if final:
             self.done = True
             self.finish_reason = item.finish_reason
+            self.finished_at = self.sink.finished_at or time.time()  # a stop string ends it here, in this process
         self.text += piece
         self.chunks += 1
         return StreamChunk(piece, list(item.token_ids), self.finish_reason)
@@ -255,7 +257,7 @@ class RequestStream:
             finish_reason=self.finish_reason,
             prompt_tokens=len(self.request.prompt_token_ids),
             ttft_s=None if self.first_token_at is None else self.first_token_at - arrival,
-            e2e_s=time.time() - arrival,
+            e2e_s=(self.finished_at or time.time()) - arrival,
             chunks=self.chunks,
         )
 
@@ -264,6 +266,7 @@ class RequestStream:
         if not self.done:
             self.done = True
             self.finish_reason = "cancelled"
+            self.finished_at = time.time()
             self.pipe.worker.cancel([self.request_id])
 
     def __enter__(self) -> RequestStream:

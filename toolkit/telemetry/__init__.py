@@ -1,5 +1,5 @@
 """What the worker reports about itself, as the parent keeps it: `MetricsLog` and its DataFrames."""
 
-from toolkit.telemetry.metrics import MetricsLog
+from toolkit.telemetry.metrics import MetricsLog, occupancy
 
-__all__ = ["MetricsLog"]
+__all__ = ["MetricsLog", "occupancy"]

@@ -1,7 +1,12 @@
-"""MetricsLog: the worker's telemetry as it arrives in the parent, bounded, as pandas DataFrames."""
+"""MetricsLog: the worker's telemetry as it arrives in the parent, bounded, as pandas DataFrames.
+
+One log outlives worker restarts: step rows carry wall-clock `t` (time.time(), the parent's clock too) and the
+`pid` of the worker that produced them, so rows from successive workers stay in order and can be told apart.
+"""
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 
@@ -13,6 +18,15 @@ from toolkit.worker.messages import Metrics, RequestMetrics, StepMetrics
 
 STEP_COLUMNS = list(StepMetrics.__struct_fields__)
 REQUEST_COLUMNS = list(RequestMetrics.__struct_fields__)
+LATENCY_COLUMNS = ("ttft_s", "itl_mean_s", "e2e_s")
+
+
+def occupancy(steps: pd.DataFrame, max_batch_size: int) -> pd.Series:
+    """Batch occupancy per step: sequences in the step's batch / max_batch_size (texts, for an embedding step).
+
+    The one definition, used by summary() and the dashboard: what the step ran, not what is left running after it.
+    """
+    return steps.batch_size / max_batch_size
 
 
 class MetricsLog:
@@ -54,23 +68,33 @@ class MetricsLog:
         return pd.DataFrame(tuples, columns=columns)
 
     def summary(self, max_batch_size: int | None = None) -> dict[str, float]:
-        """Throughput, batch occupancy and latency percentiles over what is logged now."""
+        """Throughput, batch occupancy and latency percentiles over what is logged now.
+
+        Rates are over the wall-clock span from the first logged step's start to the last one's end, restarts and
+        idle time included. Percentiles skip missing values (NaN: a request cancelled before its first token has
+        no TTFT, an embedding or a one-token output no ITL); `<col>_count` says how many rows each covers.
+        """
         steps, reqs = self.steps(), self.requests()
         out: dict[str, float] = {"steps": float(len(steps)), "requests": float(len(reqs))}
         if len(steps):
-            span = max(float(steps.t.iloc[-1] - steps.t.iloc[0] + steps.step_ms.iloc[0] / 1000), 1e-9)
-            out["output_tokens_per_s"] = float(steps.output_tokens.sum()) / span
-            out["total_tokens_per_s"] = float(steps.prefill_tokens.sum() + steps.decode_tokens.sum()) / span
+            span = float(steps.t.max() - (steps.t - steps.step_ms / 1000).min())  # >= 0: each step ends after it began
+            rate = (lambda n: float(n) / span) if span > 0 else (lambda n: math.nan)
+            out["span_s"] = span
+            out["workers"] = float(steps.pid.nunique())
+            out["output_tokens_per_s"] = rate(steps.output_tokens.sum())
+            out["total_tokens_per_s"] = rate(steps.prefill_tokens.sum() + steps.decode_tokens.sum())
             out["mean_batch_size"] = float(steps.batch_size.mean())
             out["max_batch_size"] = float(steps.batch_size.max())
             if max_batch_size:
-                out["mean_occupancy"] = out["mean_batch_size"] / max_batch_size
-                out["max_occupancy"] = out["max_batch_size"] / max_batch_size
+                occupied = occupancy(steps, max_batch_size)
+                out["mean_occupancy"] = float(occupied.mean())
+                out["max_occupancy"] = float(occupied.max())
             out["preemptions"] = float(steps.preemptions.sum())
         if len(reqs):
-            for col in ("ttft_s", "itl_mean_s", "e2e_s"):
+            for col in LATENCY_COLUMNS:
                 values = reqs[col].to_numpy(dtype=float)
-                out[f"{col}_p50"] = float(np.percentile(values, 50))
-                out[f"{col}_p99"] = float(np.percentile(values, 99))
+                values = values[~np.isnan(values)]
+                out[f"{col}_count"] = float(values.size)
+                out[f"{col}_p50"] = float(np.percentile(values, 50)) if values.size else math.nan
+                out[f"{col}_p99"] = float(np.percentile(values, 99)) if values.size else math.nan
         return out
-

@@ -40,6 +40,7 @@ from toolkit.worker.engine_queue import EngineQueue
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1  # I/O thread wake-up: bounds how late a death or hang is noticed
+FINAL_METRICS_WAIT_S = 0.05  # after the worker exited: how long to wait for more of its last frames
 
 
 class WorkerState(str, enum.Enum):
@@ -55,6 +56,17 @@ class Sink:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.loop = loop
         self.items: Any = asyncio.Queue() if loop else queue.SimpleQueue()
+        self.first_at: float | None = None  # time.time() when the request's first response reached this process
+        self.finished_at: float | None = None  # ... and its last (final delta, result or error)
+
+    def deliver(self, item: object, *, final: bool) -> None:
+        """The I/O thread's entry: note when responses arrived (the caller may read them much later), then put."""
+        now = time.time()
+        if self.first_at is None:
+            self.first_at = now
+        if final and self.finished_at is None:
+            self.finished_at = now
+        self.put(item)
 
     def put(self, item: object) -> None:
         if self.loop is None:
@@ -200,14 +212,14 @@ class _Connection:
         with self.lock:
             pending = self.pending.pop(request_id, None) if final else self.pending.get(request_id)
         if pending is not None:
-            pending.sink.put(item)
+            pending.sink.deliver(item, final=final)
 
     def fail_pending(self, error: Exception) -> list[str]:
         """Hand `error` to every outstanding request; returns their ids."""
         with self.lock:
             pending, self.pending = self.pending, {}
         for p in pending.values():
-            p.sink.put(error)
+            p.sink.deliver(error, final=True)
         return list(pending)
 
     def _on_death(self) -> None:
@@ -257,12 +269,26 @@ class _Connection:
                 self.process.join()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(grace)  # it sees `closing` within POLL_S, unless starved of CPU
+        if not self.thread.is_alive() or self.thread is threading.current_thread():  # sockets are not thread-safe
+            self._keep_final_metrics()
         self.fail_pending(WorkerNotRunningError("the model worker was shut down while this request was in flight"))
         with self.lock:
             if self.state is not WorkerState.FAILED:
                 self.state = WorkerState.STOPPED
             self.queue.close()
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+    def _keep_final_metrics(self) -> None:
+        """Log the Metrics the worker flushed on Shutdown: the I/O thread stopped reading when closing began."""
+        for _ in range(20):  # bounded: a worker that was killed sends nothing more
+            self.queue.poll(FINAL_METRICS_WAIT_S)  # at once when frames wait; else they may still be in flight
+            received = False
+            for message in self.queue.drain():
+                received = True
+                if isinstance(message, m.Metrics):
+                    self.metrics.add(message)
+            if not received:
+                return
 
 
 def _tail(path: Path, lines: int = 40) -> str:

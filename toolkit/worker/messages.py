@@ -105,42 +105,61 @@ class EmbedResult(msgspec.Struct, tag=True):
 
 
 class StepMetrics(msgspec.Struct, array_like=True):
-    """What one scheduler step did; one row of MetricsLog.steps()."""
+    """What one scheduler step did; one row of MetricsLog.steps().
 
-    t: float  # seconds since the worker started
+    Time base: `t` is wall-clock `time.time()` at the end of the step, in the parent's clock too, so one log stays
+    ordered across worker restarts; `pid` names the worker process that produced the row (a restart changes it).
+    Phases: `schedule_ms + prepare_ms + forward_ms + sample_ms + update_ms <= step_ms`; the rest is the engine's
+    own bookkeeping (deltas, telemetry). `forward_ms` is the model forward alone (on CUDA up to a synchronize).
+    """
+
+    t: float  # time.time() when the step ended (wall clock, seconds since the Unix epoch)
     kind: str  # "prefill" | "decode" | "mixed" | "embed"
     batch_size: int
     prefill_tokens: int
     decode_tokens: int
-    step_ms: float
-    forward_ms: float
+    step_ms: float  # the whole engine.step() call
+    forward_ms: float  # the model forward alone
     num_waiting: int
     num_running: int
     kv_blocks_used: int
     kv_blocks_total: int
     preemptions: int
     rss_bytes: int
-    device_mem_bytes: int = 0
+    device_mem_bytes: int = 0  # CUDA: torch.cuda.memory_allocated; CPU: 0 (see rss_bytes)
+    # Percent busy during the step. CUDA: torch.cuda.utilization() (NVML's sample; NaN where NVML is missing).
+    # CPU: the worker process's CPU time over the step / (step wall time x torch threads) x 100, so 100 means
+    # every compute thread was busy the whole step (a little above 100 is possible: other threads of the process).
     device_util: float = 0.0
     output_tokens: int = 0  # tokens sampled this step (first tokens of finished prefills + decodes)
+    pid: int = 0  # the worker process that ran the step
+    schedule_ms: float = 0.0  # the scheduler picking the batch and its KV blocks
+    prepare_ms: float = 0.0  # building the input tensors (ids, positions, slots, masks)
+    sample_ms: float = 0.0  # logits to tokens (generate) or hidden states to pooled vectors (embed)
+    update_ms: float = 0.0  # applying the samples: scheduler update, finished requests retired
 
 
 class RequestMetrics(msgspec.Struct, array_like=True):
-    """Timings of one finished request; one row of MetricsLog.requests()."""
+    """Timings of one finished request; one row of MetricsLog.requests(). NaN where a timing does not exist."""
 
     request_id: str
     prompt_tokens: int
     output_tokens: int
-    queued_s: float
-    ttft_s: float
-    itl_mean_s: float
+    queued_s: float  # NaN if never scheduled
+    ttft_s: float  # NaN if no token came out (cancelled early)
+    itl_mean_s: float  # NaN with fewer than two output tokens, and for embeddings
     e2e_s: float
     finish_reason: str
     preemptions: int = 0
+    pid: int = 0  # the worker process that served (finished) the request
 
 
 class Metrics(msgspec.Struct, tag=True):
-    """Coalesced telemetry, sent every metrics_interval_s; doubles as the heartbeat."""
+    """Coalesced telemetry, sent every metrics_interval_s; doubles as the heartbeat.
+
+    A worker told to shut down sends what it still holds before it exits; one killed (SIGKILL, a hang) loses at
+    most the last metrics_interval_s of rows.
+    """
 
     sent_at: float
     busy: bool

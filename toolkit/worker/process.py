@@ -13,11 +13,14 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toolkit.settings import Settings
 from toolkit.worker import messages as m
 from toolkit.worker.engine_queue import EngineQueue
+
+if TYPE_CHECKING:  # the parent imports this module (the spawn target): it must not pull in the engine package
+    from toolkit.engine.protocol import EngineProtocol
 
 log = logging.getLogger("toolkit.worker")
 
@@ -57,30 +60,35 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
-def _load(settings: Settings) -> tuple[Any, m.Ready]:
+def _load(settings: Settings) -> tuple[EngineProtocol, m.Ready]:
     from toolkit import models
 
     started = time.perf_counter()
     if models.resolve(settings.model).task == "embed":
         from toolkit.embeddings.engine import EmbeddingsEngine
 
-        engine: Any = EmbeddingsEngine(settings)
+        engine: EngineProtocol = EmbeddingsEngine(settings)
         tokenizer_dir = ""
     else:
         from toolkit.engine.core import Engine
 
-        engine = Engine(settings)
+        generator = Engine(settings)
         tokenizer_dir = str(Path(settings.ipc_dir or ".", "tokenizer"))
-        engine.tokenizer.save_pretrained(tokenizer_dir)
+        generator.tokenizer.save_pretrained(tokenizer_dir)
+        engine = generator
     info = engine.ready_info()
     ready = m.Ready(pid=os.getpid(), load_time_s=time.perf_counter() - started, tokenizer_dir=tokenizer_dir, **info)
     return engine, ready
 
 
 class WorkerLoop:
-    """Blocks on the sockets while idle; while busy, drains messages between steps and runs one step each turn."""
+    """Blocks on the sockets while idle; while busy, drains messages between steps and runs one step each turn.
 
-    def __init__(self, engine: Any, queue: EngineQueue, settings: Settings, parent_pid: int) -> None:
+    Step rows are coalesced and sent every metrics_interval_s. On Shutdown the loop sends what it still holds
+    before it returns; a worker killed (SIGKILL, a hang) loses at most the last metrics_interval_s of rows.
+    """
+
+    def __init__(self, engine: EngineProtocol, queue: EngineQueue, settings: Settings, parent_pid: int) -> None:
         self.engine = engine
         self.queue = queue
         self.settings = settings
@@ -102,7 +110,7 @@ class WorkerLoop:
                 return
             if self.engine.has_work and not self.stopping:
                 self.step()
-            self.maybe_send_metrics()
+            self.maybe_send_metrics(final=self.stopping)
 
     def handle(self, message: Any) -> None:
         if isinstance(message, (m.GenerateRequest, m.EmbedRequest)):
@@ -141,11 +149,12 @@ class WorkerLoop:
         if failures:
             self.queue.send_response(m.StepOutput(deltas=[], failures=failures))
 
-    def maybe_send_metrics(self) -> None:
+    def maybe_send_metrics(self, final: bool = False) -> None:
+        """Send the coalesced rows (and a heartbeat) once per interval; `final` sends now, before the loop ends."""
         now = time.time()
         busy = self.engine.has_work
         interval = self.settings.metrics_interval_s if busy or self.pending_steps else IDLE_POLL_S * 2
-        if now - self.last_metrics < interval:
+        if now - self.last_metrics < interval and not final:
             return
         requests = self.engine.pop_request_metrics()
         used = self.engine.kv_blocks_used
