@@ -99,6 +99,7 @@ class EmbeddingsEngine:
         self._token_ids: dict[str, list[list[int]]] = {}
         self._vectors: dict[str, list[np.ndarray | None]] = {}
         self._finished: list[RequestMetrics] = []
+        self._stepping: list[EmbedItem] | None = None  # the texts of the step in progress, for fail_scheduled
         self._process = psutil.Process()
 
     def ready_info(self) -> dict[str, Any]:
@@ -142,15 +143,35 @@ class EmbeddingsEngine:
         return deltas
 
     def abort_all(self) -> list[str]:
-        """Forget every queued request (after a failed step); returns their ids."""
+        """Forget every queued request; returns their ids."""
         ids = [job.request_id for job in self.scheduler.jobs]
         self.cancel(ids)
         return ids
 
+    def fail_scheduled(self) -> list[str]:
+        """After `step()` raised: end the requests with a text in that step (finish_reason "error"); others go on."""
+        items, self._stepping = self._stepping, None
+        if items is None:  # it raised before it chose its batch: the queue is in doubt
+            ids = [job.request_id for job in self.scheduler.jobs]
+        else:
+            ids = list(dict.fromkeys(item.request_id for item in items))
+        ended = []
+        for rid in ids:
+            job = self.scheduler.cancel(rid)
+            if job is not None:
+                self._forget(rid)
+                self._finished.append(_request_metrics(job, "error"))
+                ended.append(rid)
+        return ended
+
+    def pop_failures(self) -> list[tuple[str, Exception]]:
+        """Always empty: a failed embedding step raises, and the worker calls `fail_scheduled`."""
+        return []
+
     def step(self) -> tuple[list[EmbedResult], StepMetrics]:
         """Embed one batch of texts; one EmbedResult per request whose last text was in it."""
         started = time.perf_counter()
-        items = self.scheduler.schedule()
+        items = self._stepping = self.scheduler.schedule()
         batch = [self._token_ids[item.request_id][item.index] for item in items]
         vectors = self.embed_token_ids(batch)
         forward_ms = (time.perf_counter() - started) * 1000
@@ -158,6 +179,7 @@ class EmbeddingsEngine:
             self._vectors[item.request_id][item.index] = vector
         results = [self._result(job) for job in self.scheduler.complete(items)]
         metrics = self._step_metrics(items, forward_ms, (time.perf_counter() - started) * 1000)
+        self._stepping = None
         return results, metrics
 
     def embed_token_ids(self, batch: list[list[int]]) -> np.ndarray:
