@@ -14,6 +14,9 @@ from typing import Any
 from toolkit import models
 
 HANG_AFTER_ENV = "TOOLKIT_TEST_HANG_AFTER_CALLS"
+SLEEP_ENV = "TOOLKIT_TEST_SLEEP_S"
+POISON_TOKEN = 4242  # poisoned(): a forward whose input holds this id raises
+SLIDING_WINDOW = 24  # sliding_window_mistral(): its attention window, in tokens
 
 
 def tiny(device: str, dtype: str) -> tuple[Any, Any]:
@@ -39,3 +42,48 @@ def hanging_forward(device: str, dtype: str) -> tuple[Any, Any]:
 
     model.model.embed_tokens.register_forward_pre_hook(hang, with_kwargs=True)
     return model, tokenizer
+
+
+def slow_forward(device: str, dtype: str) -> tuple[Any, Any]:
+    """The tiny model whose forward number HANG_AFTER_ENV + 1 (default the first) sleeps SLEEP_ENV seconds, once."""
+    model, tokenizer = tiny(device, dtype)
+    slow_call = int(os.environ.get(HANG_AFTER_ENV, "0")) + 1
+    seconds = float(os.environ.get(SLEEP_ENV, "0"))
+    calls = [0]
+
+    def sleep(module: Any, args: Any) -> None:
+        calls[0] += 1
+        if calls[0] == slow_call:
+            time.sleep(seconds)  # releases the GIL, as a long torch kernel does
+
+    model.model.embed_tokens.register_forward_pre_hook(sleep)
+    return model, tokenizer
+
+
+def poisoned(device: str, dtype: str) -> tuple[Any, Any]:
+    """The tiny model, except that any forward whose input holds POISON_TOKEN raises ValueError."""
+    model, tokenizer = tiny(device, dtype)
+
+    def check(module: Any, args: Any) -> None:
+        if bool((args[0] == POISON_TOKEN).any()):
+            raise ValueError(f"poisoned token {POISON_TOKEN} in the input")
+
+    model.model.embed_tokens.register_forward_pre_hook(check)
+    return model, tokenizer
+
+
+def sliding_window_mistral(device: str, dtype: str) -> tuple[Any, Any]:
+    """A 2-layer Mistral (SmolLM2's vocab, seed-0 weights) attending over a window of SLIDING_WINDOW tokens."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, sliding_window=SLIDING_WINDOW, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MistralForCausalLM(config)
+    model.generation_config.eos_token_id = 2
+    return model, models.load_tokenizer(models.DEFAULT_MODEL)

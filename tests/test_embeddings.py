@@ -152,6 +152,21 @@ def test_cancel_drops_a_queued_request(loaded: tuple) -> None:
     assert finished == {("keep", "stop"), ("drop", "cancelled")}
 
 
+def test_a_failed_step_ends_only_the_requests_in_it(loaded: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _engine(loaded, max_batch_size=2)
+    engine.add(EmbedRequest("first", ["a", "b"]))
+    engine.add(EmbedRequest("next", ["c"]))
+    monkeypatch.setattr(engine, "embed_token_ids", lambda batch: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        engine.step()
+    assert engine.fail_scheduled() == ["first"]
+    monkeypatch.undo()
+    results, _ = engine.step()
+    assert [r.request_id for r in results] == ["next"] and not engine.has_work
+    finished = {(r.request_id, r.finish_reason) for r in engine.pop_request_metrics()}
+    assert finished == {("first", "error"), ("next", "stop")}
+
+
 def test_ready_info_builds_a_ready_message(loaded: tuple) -> None:
     ready = Ready(pid=os.getpid(), load_time_s=0.0, **_engine(loaded).ready_info())
     assert (ready.task, ready.max_model_len, ready.dtype) == ("embed", 256, "float32")

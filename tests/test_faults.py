@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import multiprocessing as mp
+import multiprocessing.connection
 import os
 import random
 import shutil
@@ -30,9 +32,10 @@ import psutil
 import pytest
 import torch
 import zmq
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 from tests.conftest import tiny_settings
-from tests.factories import HANG_AFTER_ENV, tiny
+from tests.factories import HANG_AFTER_ENV, POISON_TOKEN, SLEEP_ENV, SLIDING_WINDOW, tiny
 from toolkit import (
     InvalidRequestError,
     ModelWorker,
@@ -43,9 +46,14 @@ from toolkit import (
     WorkerState,
     start_model_worker,
 )
+from toolkit.engine.core import Engine, sliding_window
+from toolkit.errors import RemoteError
+from toolkit.models import build_tiny_llama
+from toolkit.telemetry.metrics import MetricsLog
 from toolkit.worker import messages as m
-from toolkit.worker.client import Sink
+from toolkit.worker.client import Sink, _Connection
 from toolkit.worker.engine_queue import EngineQueue
+from toolkit.worker.main_guard import is_guarded
 
 SMALL_CACHE_BLOCKS = 24  # x 16 tokens = 384: a third of what 8 requests of ~70 tokens need at once
 REPO = Path(__file__).resolve().parents[1]
@@ -122,18 +130,20 @@ def test_sigkill_with_eight_in_flight_fails_each_with_the_signal_then_restart_se
 
 
 def test_hung_worker_fails_in_flight_requests_then_restart_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward that never returns: heartbeats still flow from inside it, so the step limit is what catches it."""
     monkeypatch.setenv(HANG_AFTER_ENV, "2")  # the warm-up's two forwards run, the next one never returns
-    settings = tiny_settings(model="tests.factories:hanging_forward", hang_timeout_s=1.5, shutdown_timeout_s=1.0)
+    settings = tiny_settings(model="tests.factories:hanging_forward", hang_timeout_s=1.0, step_timeout_s=2.5,
+                             metrics_interval_s=0.1, shutdown_timeout_s=1.0)
     with start_model_worker(settings) as w:
         pipe = TokenGeneratorPipeline(w)
         assert len(pipe.generate("warm", max_new_tokens=2, ignore_eos=True).token_ids) == 2
         started = time.monotonic()
         streams = [pipe.stream(f"hang {i}", max_new_tokens=4) for i in range(3)]
         for s in streams:
-            with pytest.raises(WorkerHungError, match="hang_timeout_s"):
+            with pytest.raises(WorkerHungError, match="step_timeout_s"):
                 s.result()
-        assert 1.0 <= time.monotonic() - started < 5  # hang_timeout_s counts from the last message heard
-        assert w.health()["hung"]
+        assert 2.0 <= time.monotonic() - started < 6  # step_timeout_s, not the (shorter) hang_timeout_s
+        assert w.health()["hung"] and w.health()["heartbeat_age_s"] < 1.0  # it was alive all along
         with pytest.raises(WorkerHungError, match="restart"):  # refused at once, not left to wait forever
             pipe.generate("anyone?", max_new_tokens=2)
         hung_pid = w.pid
@@ -195,6 +205,7 @@ def test_when_the_parent_goes_its_workers_go_too(tmp_path: Path, ending: str) ->
     mode = "wait" if ending == "sigkill" else "exit"
     with open(tmp_path / "parent.log", "w") as err:
         parent = subprocess.Popen([sys.executable, str(script), settings, mode], cwd=REPO,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)},  # this checkout's toolkit
                                   stdout=subprocess.PIPE, stderr=err, text=True)
     workers: list[list[Any]] = []
     try:
@@ -457,3 +468,188 @@ def test_a_send_with_nobody_listening_gives_up_instead_of_blocking(tmp_path: Pat
         assert time.monotonic() - started < 5
     finally:
         queue.close()
+
+
+# ---- one failure stays one failure (issue 10 §2) ----------------------------------------------------
+
+
+def test_a_request_whose_forward_raises_fails_alone_and_the_others_go_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The poisoned prompt shares a step with three decoding requests, and a fifth waits for a free slot: only the
+    poisoned one fails (typed, with the worker's traceback, recorded as "error"), the rest finish as if alone."""
+    settings = tiny_settings(model="tests.factories:poisoned", max_batch_size=4, metrics_interval_s=0.1)
+    with start_model_worker(settings) as w:
+        pipe = TokenGeneratorPipeline(w)
+        prompts = [f"long story {i}" for i in range(4)]
+        alone = [pipe.generate(p, max_new_tokens=120, ignore_eos=True).token_ids for p in prompts]
+        running = [pipe.stream(p, max_new_tokens=120, ignore_eos=True) for p in prompts[:3]]
+        for s in running:
+            next(s)  # all three are decoding
+        poison = pipe.stream([5, POISON_TOKEN, 7], max_new_tokens=4)
+        waiting = pipe.stream(prompts[3], max_new_tokens=120, ignore_eos=True)  # the batch is full: it waits
+        with pytest.raises(RemoteError, match=f"poisoned token {POISON_TOKEN}") as info:
+            poison.result()
+        assert info.value.error_type == "ValueError" and "Traceback" in info.value.remote_traceback
+        assert [s.result().token_ids for s in [*running, waiting]] == alone
+        assert "running each alone" in w.logs()  # it did share a step with the others
+        ids = [s.request_id for s in [*running, waiting]]
+        wait_until(lambda: {poison.request_id, *ids} <= set(w.metrics.requests().request_id), 10, "their rows")
+        reasons = dict(w.metrics.requests()[["request_id", "finish_reason"]].itertuples(index=False))
+        assert reasons[poison.request_id] == "error" and {reasons[i] for i in ids} == {"length"}
+        outs = pipe.generate_batch(["fine", [POISON_TOKEN]], max_new_tokens=3, ignore_eos=True, progress=False,
+                                   return_exceptions=True)
+        assert len(outs[0].token_ids) == 3 and isinstance(outs[1], RemoteError)
+        assert w.is_alive() and settled_blocks(w) == 0
+        still_serves(pipe)
+
+
+def test_a_step_that_raises_outside_the_forward_ends_only_its_batch() -> None:
+    """In the engine: a failure after the batch was chosen ends that batch ("error"); the waiting requests finish."""
+    engine = Engine(tiny_settings(max_batch_size=1, num_kv_blocks=16), model=build_tiny_llama())
+    for rid in ("a", "b", "c"):
+        engine.add(m.GenerateRequest(rid, [5, 6, 7], max_new_tokens=2, ignore_eos=True))
+    update = engine.scheduler.update
+    engine.scheduler.update = lambda out, sampled: 1 / 0  # type: ignore[method-assign]
+    with pytest.raises(ZeroDivisionError):
+        engine.step()
+    assert engine.fail_scheduled() == ["a"]
+    engine.scheduler.update = update  # type: ignore[method-assign]
+    outputs: dict[str, list[int]] = {"b": [], "c": []}
+    while engine.has_work:
+        for delta in engine.step()[0]:
+            outputs[delta.request_id] += delta.token_ids
+    assert [len(v) for v in outputs.values()] == [2, 2] and engine.blocks.num_used_blocks == 0
+    reasons = {r.request_id: r.finish_reason for r in engine.pop_request_metrics()}
+    assert reasons == {"a": "error", "b": "length", "c": "length"}
+
+
+def test_a_forward_longer_than_hang_timeout_still_completes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One forward sleeps hang_timeout_s + 1: the heartbeat thread keeps the worker from being called hung."""
+    monkeypatch.setenv(SLEEP_ENV, "2.0")
+    settings = tiny_settings(model="tests.factories:slow_forward", hang_timeout_s=1.0, metrics_interval_s=0.1)
+    with start_model_worker(settings) as w:
+        pipe = TokenGeneratorPipeline(w)
+        started = time.monotonic()
+        out = pipe.generate("slow first step", max_new_tokens=3, ignore_eos=True)
+        assert time.monotonic() - started >= 2.0  # the slow forward did run
+        assert len(out.token_ids) == 3 and out.finish_reason == "length"
+        assert not w.health()["hung"]
+        still_serves(pipe)
+
+
+def test_a_frozen_worker_is_hung_after_hang_timeout() -> None:
+    """SIGSTOP freezes the heartbeat thread too: silence past hang_timeout_s is a hang, well before step_timeout_s."""
+    settings = tiny_settings(hang_timeout_s=1.0, step_timeout_s=60.0, metrics_interval_s=0.1, shutdown_timeout_s=1.0)
+    with start_model_worker(settings) as w:
+        stream = TokenGeneratorPipeline(w).stream("frozen", max_new_tokens=2000, ignore_eos=True)
+        next(stream)
+        pid = w.pid or 0
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(WorkerHungError, match="sent nothing"):
+                stream.result()
+            assert 0.8 <= time.monotonic() - started < 5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_a_startup_failure_sent_just_before_the_exit_is_still_reported(tmp_path: Path) -> None:
+    """The StartupFailed arrives after the parent saw the process exit: the parent waits for it, and raises it."""
+    conn = _Connection(tiny_settings(), str(tmp_path), MetricsLog(10), on_hang=lambda: None)
+    conn.process = mp.get_context("spawn").Process(target=os._exit, args=(1,), daemon=True)
+
+    def report_late() -> None:
+        wait_until(lambda: conn.process.pid is not None, 60, "the stand-in worker to start")
+        mp.connection.wait([conn.process.sentinel], timeout=60)
+        time.sleep(0.3)  # the parent has seen the exit by now
+        queue = EngineQueue.worker(conn.ipc_dir)
+        queue.send_response(m.StartupFailed("RuntimeError", "late words", "Traceback (most recent call last): ..."))
+        queue.close()
+
+    reporter = threading.Thread(target=report_late, daemon=True)
+    reporter.start()
+    with pytest.raises(WorkerStartupError, match="failed to start: RuntimeError: late words") as info:
+        conn.start()
+    reporter.join(10)
+    assert info.value.remote_traceback.startswith("Traceback")
+
+
+def test_a_factory_that_raises_gives_its_own_error_every_time() -> None:
+    for _ in range(3):  # the worker exits right after it reports: the report must win every time
+        with pytest.raises(WorkerStartupError, match="factory exploded on purpose") as info:
+            start_model_worker(tiny_settings(model="tests.factories:raising"))
+        assert "Traceback" in info.value.remote_traceback and info.value.error_type == "RuntimeError"
+
+
+def test_sliding_window_model_is_clamped_to_its_window_and_says_so() -> None:
+    with start_model_worker(tiny_settings(model="tests.factories:sliding_window_mistral")) as w:
+        assert w.info.max_model_len == SLIDING_WINDOW
+        assert any("sliding window" in note for note in w.info.notes)
+        pipe = TokenGeneratorPipeline(w)
+        out = pipe.generate(list(range(100, 110)), max_new_tokens=SLIDING_WINDOW, ignore_eos=True)  # to the window
+        assert out.finish_reason == "length" and out.prompt_tokens + len(out.token_ids) == SLIDING_WINDOW
+        with pytest.raises(InvalidRequestError, match="max_model_len"):
+            pipe.generate(list(range(100, 100 + SLIDING_WINDOW)), max_new_tokens=2)
+        still_serves(pipe)
+
+
+@pytest.mark.parametrize(
+    ("config", "window"),
+    [
+        (MistralConfig(sliding_window=4096), 4096),
+        (MistralConfig(sliding_window=None), None),
+        (Qwen2Config(use_sliding_window=False, sliding_window=4096), None),
+        (Qwen2Config(use_sliding_window=True, sliding_window=64, num_hidden_layers=2, max_window_layers=1), 64),
+        (Qwen2Config(use_sliding_window=True, sliding_window=64, num_hidden_layers=2, max_window_layers=2), None),
+        (LlamaConfig(), None),
+    ],
+    ids=["mistral", "mistral-off", "qwen2-off", "qwen2-some-layers", "qwen2-no-layer-slides", "llama"],
+)
+def test_sliding_window_is_read_from_the_config(config: Any, window: int | None) -> None:
+    assert sliding_window(config) == window
+
+
+UNGUARDED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from toolkit import Settings, start_model_worker
+
+    def start():
+        return start_model_worker(Settings(**json.loads(sys.argv[1])))
+
+    worker = start()  # no `if __name__ == "__main__":`: spawn would run this again in the child
+    print("started", flush=True)
+    worker.shutdown()
+""")
+
+
+def test_a_script_without_the_main_guard_is_told_what_to_do(tmp_path: Path) -> None:
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(script), json.dumps(tiny_settings().model_dump())], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "started" not in done.stdout
+    assert "WorkerStartupError" in done.stderr and 'if __name__ == "__main__":' in done.stderr
+    assert f"{script}, line 8" in done.stderr  # the line that starts it at import time
+
+
+def test_a_worker_started_while_a_child_bootstraps_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the child itself says, should the parent's check miss a case: before any process is spawned."""
+    monkeypatch.setattr(mp.current_process(), "_inheriting", True, raising=False)
+    before = psutil.Process().children()
+    with pytest.raises(WorkerStartupError, match="__name__"):
+        start_model_worker(tiny_settings())
+    assert psutil.Process().children() == before
+
+
+@pytest.mark.parametrize(
+    ("source", "line", "guarded"),
+    [
+        ("import x\nx.start()\n", 2, False),
+        ("import x\nif __name__ == '__main__':\n    x.start()\n", 3, True),
+        ("import x\nif '__main__' == __name__:\n    w = x.start()\n    w.go()\n", 4, True),
+        ("import x\nif x.ok:\n    x.start()\n", 3, False),
+    ],
+)
+def test_main_guard_detection_reads_the_source(source: str, line: int, guarded: bool) -> None:
+    assert is_guarded(source, line) is guarded

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 PURE_PYTHON = ["toolkit.engine.scheduler", "toolkit.engine.block_manager", "toolkit.engine.request",
-               "toolkit.embeddings.scheduler", "toolkit.models.registry"]
+               "toolkit.embeddings.scheduler", "toolkit.models.registry", "toolkit.validation"]
 PARENT_SIDE = ["toolkit", "toolkit.pipeline", "toolkit.worker.client", "toolkit.telemetry"]
 WORKER_SIDE = ["toolkit.engine.core", "toolkit.engine.runner", "toolkit.layers.attention", "toolkit.layers.linear",
                "toolkit.embeddings.engine", "torch"]

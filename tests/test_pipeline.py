@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from toolkit import InvalidRequestError, TokenGeneratorPipeline
+from toolkit import InvalidRequestError, SamplingParams, TokenGeneratorPipeline
 
 
 def still_serves(pipe: TokenGeneratorPipeline) -> None:
@@ -136,6 +136,63 @@ def test_generate_batch_keeps_order_and_counts(tiny_pipe) -> None:
     outs = tiny_pipe.generate_batch(prompts, max_new_tokens=4, ignore_eos=True, progress=False)
     singles = [tiny_pipe.generate(p, max_new_tokens=4, ignore_eos=True) for p in prompts]
     assert [o.token_ids for o in outs] == [s.token_ids for s in singles]
+
+
+def test_generate_batch_validates_every_prompt_before_sending_any(tiny_pipe, monkeypatch) -> None:
+    sent: list[str] = []
+    submit = tiny_pipe.worker.submit
+
+    def spy(request, sink) -> None:
+        sent.append(request.request_id)
+        submit(request, sink)
+
+    monkeypatch.setattr(tiny_pipe.worker, "submit", spy)
+    with pytest.raises(InvalidRequestError, match="prompt 2: prompt is empty"):
+        tiny_pipe.generate_batch(["fine", "also fine", "", "fine again"], max_new_tokens=4, progress=False)
+    assert sent == []
+    with pytest.raises(InvalidRequestError, match="prompt 1: temperature"):
+        tiny_pipe.generate_batch(["a", "b"], [{"max_new_tokens": 2}, {"temperature": -1.0}], progress=False)
+    assert sent == []
+
+
+def test_generate_batch_takes_parameters_per_prompt(tiny_pipe) -> None:
+    prompts = ["first prompt", "second prompt", "third prompt"]
+    params = [SamplingParams(max_new_tokens=2, ignore_eos=True), SamplingParams(max_new_tokens=5, ignore_eos=True),
+              SamplingParams(max_new_tokens=7, temperature=1.0, seed=3, ignore_eos=True)]
+    outs = tiny_pipe.generate_batch(prompts, params, progress=False)
+    singles = [tiny_pipe.generate(p, **sp.as_kwargs()) for p, sp in zip(prompts, params, strict=True)]
+    assert [len(o.token_ids) for o in outs] == [2, 5, 7]
+    assert [o.token_ids for o in outs] == [s.token_ids for s in singles]
+    dicts = tiny_pipe.generate_batch(prompts[:2], [{"max_new_tokens": 3}, {}], max_new_tokens=6, ignore_eos=True,
+                                     progress=False)  # a dict entry overrides the keyword parameters
+    assert [len(o.token_ids) for o in dicts] == [3, 6]
+    default = tiny_pipe.generate_batch(prompts[:1], SamplingParams(), progress=False)[0]
+    assert default.token_ids == tiny_pipe.generate(prompts[0]).token_ids  # the same defaults as generate
+
+
+@pytest.mark.parametrize(
+    ("sampling_params", "params", "message"),
+    [
+        ([SamplingParams()], {}, "1 entries for 2 prompts"),
+        (SamplingParams(), {"max_new_tokens": 3}, "cannot be combined"),
+        ([{"max_tokens": 3}, {}], {}, "unknown parameters \\['max_tokens'\\]"),
+        ([3, 4], {}, "must be a SamplingParams or a dict"),
+    ],
+    ids=["wrong-length", "object-and-keywords", "unknown-key", "not-params"],
+)
+def test_generate_batch_refuses_malformed_sampling_params(tiny_pipe, sampling_params, params, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        tiny_pipe.generate_batch(["a", "b"], sampling_params, progress=False, **params)
+    assert tiny_pipe.worker.health()["in_flight"] == 0
+
+
+def test_generate_batch_return_exceptions_puts_each_error_in_its_place(tiny_pipe) -> None:
+    outs = tiny_pipe.generate_batch(["good one", "", [1, 10**9], "good two"], max_new_tokens=3, ignore_eos=True,
+                                    progress=False, return_exceptions=True)
+    assert [type(o).__name__ for o in outs] == ["Completion", "InvalidRequestError", "InvalidRequestError",
+                                                "Completion"]
+    assert "outside the vocabulary" in str(outs[2])
+    assert outs[3].token_ids == tiny_pipe.generate("good two", max_new_tokens=3, ignore_eos=True).token_ids
 
 
 def test_seeded_sampling_is_reproducible(tiny_pipe) -> None:

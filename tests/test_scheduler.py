@@ -347,7 +347,7 @@ def test_invalid_requests_are_refused(request_: GenerateRequest, match: str) -> 
 
 def test_prompt_bigger_than_cache_is_refused() -> None:
     sched = make(num_blocks=2, block_size=4, max_model_len=100)
-    with pytest.raises(InvalidRequestError, match="KV cache of 8 tokens"):
+    with pytest.raises(InvalidRequestError, match="KV cache holds 8 tokens"):
         sched.add(req("a", 9))
 
 

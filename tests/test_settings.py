@@ -37,6 +37,7 @@ def test_every_field_reads_its_environment_variable(monkeypatch: pytest.MonkeyPa
         ("device", "cuda:x"),
         ("dtype", "int3"),
         ("hang_timeout_s", 0),
+        ("step_timeout_s", -1.0),
         ("model", ""),
     ],
 )

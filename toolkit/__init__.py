@@ -10,7 +10,7 @@ from toolkit.errors import (
     WorkerHungError,
     WorkerStartupError,
 )
-from toolkit.pipeline import Completion, EmbeddingsPipeline, StreamChunk, TokenGeneratorPipeline
+from toolkit.pipeline import Completion, EmbeddingsPipeline, SamplingParams, StreamChunk, TokenGeneratorPipeline
 from toolkit.settings import Settings
 from toolkit.worker.client import ModelWorker, WorkerState, start_model_worker
 
@@ -21,6 +21,7 @@ __all__ = [
     "ModelWorker",
     "QueueFullError",
     "RequestCancelledError",
+    "SamplingParams",
     "Settings",
     "StreamChunk",
     "TokenGeneratorPipeline",

@@ -52,7 +52,8 @@ class WorkerCrashedError(ToolkitError):
 
 
 class WorkerHungError(ToolkitError):
-    """The worker stayed silent past `Settings.hang_timeout_s` while requests were in flight."""
+    """With requests in flight, the worker sent nothing for `Settings.hang_timeout_s`, or one step ran past
+    `Settings.step_timeout_s`."""
 
 
 class WorkerNotRunningError(ToolkitError):

@@ -32,12 +32,19 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(1024, gt=0, description="requests outstanding at once before QueueFullError")
     num_threads: int | None = Field(None, gt=0, description="torch threads in the worker; None: torch's default")
     startup_timeout_s: float = Field(300.0, gt=0, description="how long the parent waits for Ready")
-    hang_timeout_s: float = Field(60.0, gt=0, description="silence while busy after which requests get WorkerHungError")
+    hang_timeout_s: float = Field(
+        60.0, gt=0, description="no message at all, heartbeats included, for this long while requests are in flight: "
+        "WorkerHungError (a frozen process); heartbeats flow during a step, so a long forward is not silence"
+    )
+    step_timeout_s: float = Field(
+        600.0, gt=0, description="one step (one model forward) running this long while requests are in flight: "
+        "WorkerHungError (a forward that never returns); keep it above your longest prefill or first CUDA step"
+    )
     restart_on_hang: bool = Field(False, description="kill and restart a hung worker")
     shutdown_timeout_s: float = Field(5.0, gt=0, description="grace for each shutdown stage before escalating")
     metrics_interval_s: float = Field(
-        0.25, gt=0, description="how often coalesced metrics (and heartbeats) are sent; a shutdown or restart sends "
-        "the rest, a killed worker (SIGKILL, hang) loses at most this much of its step rows",
+        0.25, gt=0, description="how often coalesced metrics (and heartbeats, also during a long step) are sent; a "
+        "shutdown or restart sends the rest, a killed worker (SIGKILL, hang) loses at most this much of its step rows",
     )
     metrics_capacity: int = Field(100_000, gt=0, description="rows kept by MetricsLog before the oldest are dropped")
     cache_dir: str | None = Field(None, description="converted-model cache; None: ~/.cache/toolkit")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from toolkit import models
-from toolkit.embeddings.scheduler import EmbeddingsScheduler, EmbedJob
+from toolkit.embeddings.scheduler import EmbeddingsScheduler, EmbedItem, EmbedJob
 from toolkit.engine.step_metrics import PhaseTimes, StepProbe
 from toolkit.errors import ModelNotFoundError
 from toolkit.settings import Settings
@@ -100,6 +100,7 @@ class EmbeddingsEngine:
         self._finished: list[RequestMetrics] = []
         self._probe = StepProbe(self.device)
         self.timings = PhaseTimes()  # of the last embed_token_ids(); pooling counts as its "sample" phase
+        self._stepping: list[EmbedItem] | None = None  # the texts of the step in progress, for fail_scheduled
 
     def ready_info(self) -> dict[str, Any]:
         """The fields of messages.Ready that the engine knows (all but pid, load time and tokenizer dir)."""
@@ -142,16 +143,36 @@ class EmbeddingsEngine:
         return deltas
 
     def abort_all(self) -> list[str]:
-        """Forget every queued request (after a failed step); returns their ids."""
+        """Forget every queued request; returns their ids."""
         ids = [job.request_id for job in self.scheduler.jobs]
         self.cancel(ids)
         return ids
+
+    def fail_scheduled(self) -> list[str]:
+        """After `step()` raised: end the requests with a text in that step (finish_reason "error"); others go on."""
+        items, self._stepping = self._stepping, None
+        if items is None:  # it raised before it chose its batch: the queue is in doubt
+            ids = [job.request_id for job in self.scheduler.jobs]
+        else:
+            ids = list(dict.fromkeys(item.request_id for item in items))
+        ended = []
+        for rid in ids:
+            job = self.scheduler.cancel(rid)
+            if job is not None:
+                self._forget(rid)
+                self._finished.append(_request_metrics(job, "error"))
+                ended.append(rid)
+        return ended
+
+    def pop_failures(self) -> list[tuple[str, Exception]]:
+        """Always empty: a failed embedding step raises, and the worker calls `fail_scheduled`."""
+        return []
 
     def step(self) -> tuple[list[EmbedResult], StepMetrics]:
         """Embed one batch of texts; one EmbedResult per request whose last text was in it."""
         probe = self._probe
         probe.start()
-        items = self.scheduler.schedule()
+        items = self._stepping = self.scheduler.schedule()
         schedule_ms = probe.lap()
         batch = [self._token_ids[item.request_id][item.index] for item in items]
         vectors = self.embed_token_ids(batch)
@@ -167,6 +188,7 @@ class EmbeddingsEngine:
             preemptions=0, schedule_ms=schedule_ms, prepare_ms=phases.prepare_ms, forward_ms=phases.forward_ms,
             sample_ms=phases.sample_ms, update_ms=update_ms,
         )
+        self._stepping = None
         return results, metrics
 
     def embed_token_ids(self, batch: list[list[int]]) -> np.ndarray:

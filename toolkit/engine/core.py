@@ -5,6 +5,7 @@ The worker loop drives it one `step()` at a time; tests and the in-process bench
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable
@@ -16,12 +17,14 @@ from toolkit import models
 from toolkit.engine.block_manager import BlockManager
 from toolkit.engine.request import Sequence
 from toolkit.engine.runner import ModelRunner
-from toolkit.engine.scheduler import TokenGenerationScheduler
+from toolkit.engine.scheduler import ScheduledSequence, SchedulerOutput, TokenGenerationScheduler
 from toolkit.engine.step_metrics import StepProbe
-from toolkit.errors import InvalidRequestError
 from toolkit.layers.kv_cache import num_blocks_for_budget
 from toolkit.settings import Settings
+from toolkit.validation import check_token_ids
 from toolkit.worker.messages import GenerateRequest, RequestMetrics, StepMetrics, TokenDelta
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -43,7 +46,8 @@ class Engine:
         self.num_blocks = settings.num_kv_blocks or num_blocks_for_budget(
             self.config, settings.block_size, self.dtype, settings.kv_cache_gib
         )
-        self.max_model_len = settings.max_model_len or int(self.config.max_position_embeddings)
+        self.notes: list[str] = []  # what the engine changed at load, for Ready.notes and the log
+        self.max_model_len = self._max_model_len(settings)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.blocks = BlockManager(self.num_blocks, settings.block_size)
         self.scheduler = TokenGenerationScheduler(
@@ -54,6 +58,8 @@ class Engine:
             model, num_blocks=self.num_blocks, block_size=settings.block_size, device=self.device, dtype=self.dtype
         )
         self.peak_batch_size = 0
+        self._stepping: SchedulerOutput | None = None  # the batch of the step in progress, for fail_scheduled
+        self._failures: list[tuple[str, Exception]] = []
         self._arrivals: dict[str, float] = {}
         self._finished: list[RequestMetrics] = []
         self._probe = StepProbe(self.device)
@@ -66,8 +72,20 @@ class Engine:
             "model": self.settings.model, "task": "generate", "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."), "num_kv_blocks": self.num_blocks,
             "block_size": self.settings.block_size, "max_model_len": self.max_model_len,
-            "vocab_size": self.vocab_size, "eos_token_ids": list(self.eos_token_ids),
+            "vocab_size": self.vocab_size, "eos_token_ids": list(self.eos_token_ids), "notes": list(self.notes),
         }
+
+    def _max_model_len(self, settings: Settings) -> int:
+        """The model's (or the settings') limit, clamped to a sliding window: our attention is exact only within it."""
+        limit = settings.max_model_len or int(self.config.max_position_embeddings)
+        window = sliding_window(self.config)
+        if window is not None and limit > window:
+            note = (f"max_model_len clamped from {limit} to {window}: the model attends over a sliding window of "
+                    f"{window} tokens, which the paged attention does not implement past the window")
+            log.warning("%s", note)
+            self.notes.append(note)
+            limit = window
+        return limit
 
     def kv_cache_bytes(self) -> int:
         return self.runner.cache.nbytes()
@@ -80,11 +98,7 @@ class Engine:
 
     def add(self, req: GenerateRequest) -> None:
         """Queue a request; InvalidRequestError for token ids outside the vocabulary or what the scheduler refuses."""
-        bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"request {req.request_id!r}: token ids {bad[:5]} are outside the vocabulary of {self.vocab_size}"
-            )
+        check_token_ids(req.prompt_token_ids, self.vocab_size, req.request_id)
         self.scheduler.add(req)
         self._arrivals[req.request_id] = req.arrival_time if req.arrival_time > 0 else time.time()
 
@@ -99,10 +113,31 @@ class Engine:
         return deltas
 
     def abort_all(self) -> list[str]:
-        """Cancel every waiting and running request (after a failed step); returns their ids."""
+        """Cancel every waiting and running request; returns their ids."""
         ids = [seq.request_id for seq in (*self.scheduler.running, *self.scheduler.waiting)]
         self.cancel(ids)
         return ids
+
+    def fail_scheduled(self) -> list[str]:
+        """After `step()` raised: end the requests of that step (finish_reason "error"); the others go on.
+
+        A step that raised before it chose its batch leaves the queues in doubt, so then every request ends.
+        Returns the ids ended, for the caller to report with the exception.
+        """
+        out, self._stepping = self._stepping, None
+        seqs = [s.seq for s in out.scheduled] if out is not None else [*self.scheduler.running, *self.scheduler.waiting]
+        return [seq.request_id for seq in seqs if self._end(seq.request_id, "error")]
+
+    def pop_failures(self) -> list[tuple[str, Exception]]:
+        """(request_id, exception) of each request that failed in a step since the last call (its delta: "error")."""
+        failures, self._failures = self._failures, []
+        return failures
+
+    def _end(self, request_id: str, reason: str) -> bool:
+        seq = self.scheduler.cancel(request_id, reason)
+        if seq is not None:
+            self._retire(seq)
+        return seq is not None
 
     @property
     def has_work(self) -> bool:
@@ -111,13 +146,20 @@ class Engine:
     # ---- stepping ---------------------------------------------------------------------------------
 
     def step(self) -> tuple[list[TokenDelta], StepMetrics]:
-        """Schedule, run one forward, apply the samples: one delta per request that got a token or finished."""
+        """Schedule, run one forward, apply the samples: one delta per request that got a token or finished.
+
+        A request whose forward raises ends with finish_reason "error" (details from `pop_failures`); the others
+        in its batch go on (see `_execute`).
+        """
         probe = self._probe
         probe.start()
-        out = self.scheduler.schedule()
+        out = self._stepping = self.scheduler.schedule()
         schedule_ms = probe.lap()
-        sampled = self.runner.execute(out)
+        sampled, failed = self._execute(out)
         probe.lap()
+        for rid, exc in failed.items():
+            self._end(rid, "error")
+            self._failures.append((rid, exc))
         finished = self.scheduler.update(out, sampled)
         for seq in finished:
             self._retire(seq)
@@ -126,7 +168,9 @@ class Engine:
             TokenDelta(s.seq.request_id, [sampled[s.seq.request_id]], s.seq.finish_reason)
             for s in out.scheduled if s.seq.request_id in sampled
         ]
+        deltas += [TokenDelta(rid, [], "error") for rid in failed]
         self.peak_batch_size = max(self.peak_batch_size, len(out.scheduled))
+        self._stepping = None
         phases = self.runner.timings
         return deltas, probe.finish(
             kind=out.kind, batch_size=len(out.scheduled), prefill_tokens=out.num_prefill_tokens,
@@ -135,6 +179,31 @@ class Engine:
             preemptions=len(out.preempted), output_tokens=len(sampled), schedule_ms=schedule_ms,
             prepare_ms=phases.prepare_ms, forward_ms=phases.forward_ms, sample_ms=phases.sample_ms, update_ms=update_ms,
         )
+
+    def _execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, Exception]]:
+        """The step's forward; if it raises, each sequence again alone, so one bad request fails only itself.
+
+        Rerunning is safe: a sequence's step writes the K/V of the same positions into the same slots again (only a
+        seeded request sampled before a failure inside sampling draws anew). Returns the sampled tokens and the
+        exception of each failed request.
+        """
+        try:
+            return self.runner.execute(out), {}
+        except Exception as exc:
+            if len(out.scheduled) == 1:
+                log.exception("step failed: %s", out)
+                return {}, {out.scheduled[0].seq.request_id: exc}
+            log.warning("a step of %d sequences failed (%s: %s); running each alone", len(out.scheduled),
+                        type(exc).__name__, exc)
+        sampled: dict[str, int] = {}
+        failed: dict[str, Exception] = {}
+        for s in out.scheduled:
+            try:
+                sampled.update(self.runner.execute(_alone(s)))
+            except Exception as exc:
+                log.exception("step of %s alone failed", s)
+                failed[s.seq.request_id] = exc
+        return sampled, failed
 
     def generate(self, requests: Iterable[GenerateRequest]) -> dict[str, list[int]]:
         """Submit all requests at once and step until every one has finished; {request_id: output token ids}."""
@@ -149,6 +218,9 @@ class Engine:
                 outputs[delta.request_id].extend(delta.token_ids)
                 if delta.finish_reason is not None:
                     pending.discard(delta.request_id)
+            for _, exc in self.pop_failures():
+                self.cancel(pending)
+                raise exc
         return outputs
 
     def pop_request_metrics(self) -> list[RequestMetrics]:
@@ -178,6 +250,26 @@ def request_metrics(seq: Sequence, arrival: float, pid: int = 0) -> RequestMetri
         e2e_s=finish - arrival, finish_reason=seq.finish_reason or "cancelled", preemptions=seq.num_preemptions,
         pid=pid,
     )
+
+
+def _alone(s: ScheduledSequence) -> SchedulerOutput:
+    """A batch of just `s`, as the scheduler would have built it."""
+    prefill = s.is_prefill
+    return SchedulerOutput([s], [], s.num_tokens if prefill else 0, 0 if prefill else 1)
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window of a model whose layers (some or all) attend only to the last N tokens, else None.
+
+    Mistral sets `sliding_window`; Qwen2-style configs also list which layers slide in `layer_types`.
+    """
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:

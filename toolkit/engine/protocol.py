@@ -31,7 +31,15 @@ class EngineProtocol(Protocol):
         ...
 
     def abort_all(self) -> list[str]:
-        """Drop every queued and running request (after a failed step); returns their ids."""
+        """Drop every queued and running request; returns their ids."""
+        ...
+
+    def fail_scheduled(self) -> list[str]:
+        """After `step()` raised: end the requests of that step with finish_reason "error"; returns their ids."""
+        ...
+
+    def pop_failures(self) -> list[tuple[str, Exception]]:
+        """Requests that failed inside a step that itself completed, with their exceptions, since the last call."""
         ...
 
     def step(self) -> tuple[Sequence[TokenDelta | EmbedResult], StepMetrics]:

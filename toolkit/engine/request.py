@@ -25,7 +25,7 @@ class Sequence:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # time.time() values, for telemetry
     first_token_time: float | None = None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from toolkit.engine.block_manager import BlockManager
 from toolkit.engine.request import Sequence, SequenceStatus
 from toolkit.errors import InvalidRequestError
+from toolkit.validation import check_prompt_length, max_sequence_tokens
 from toolkit.worker.messages import GenerateRequest
 
 
@@ -99,26 +100,25 @@ class TokenGenerationScheduler:
         return seq
 
     def _validate(self, request: GenerateRequest) -> None:
-        n, cache = len(request.prompt_token_ids), self.blocks
-        checks = [
-            (request.request_id in self._active, "its id is already in use"),
-            (n == 0, "the prompt is empty"),
-            (request.max_new_tokens < 1, f"max_new_tokens must be >= 1, got {request.max_new_tokens}"),
-            (n >= self.max_model_len, f"a prompt of {n} tokens is not below max_model_len={self.max_model_len}"),
-            (n > cache.capacity_tokens, f"a prompt of {n} tokens exceeds the KV cache of {cache.capacity_tokens} "
-             f"tokens ({cache.num_blocks} blocks of {cache.block_size})"),
-        ]
-        for failed, problem in checks:
-            if failed:
-                raise InvalidRequestError(f"request {request.request_id!r}: {problem}")
+        if request.request_id in self._active:
+            raise InvalidRequestError(f"request {request.request_id!r}: its id is already in use")
+        check_prompt_length(len(request.prompt_token_ids), max_model_len=self.max_model_len,
+                            kv_cache_tokens=self.blocks.capacity_tokens, request_id=request.request_id)
+        if request.max_new_tokens < 1:
+            raise InvalidRequestError(
+                f"request {request.request_id!r}: max_new_tokens must be >= 1, got {request.max_new_tokens}"
+            )
 
-    def cancel(self, request_id: str) -> Sequence | None:
-        """Drop a waiting or running request now, freeing its blocks; None if it is unknown or already done."""
+    def cancel(self, request_id: str, reason: str = "cancelled") -> Sequence | None:
+        """Drop a waiting or running request now, freeing its blocks; None if it is unknown or already done.
+
+        `reason` is its finish_reason: "cancelled", or "error" when the step that ran it failed.
+        """
         seq = self._active.get(request_id)
         if seq is None:
             return None
         (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
-        self._finish(seq, "cancelled")
+        self._finish(seq, reason)
         return seq
 
     def get(self, request_id: str) -> Sequence | None:
@@ -217,11 +217,11 @@ class TokenGenerationScheduler:
         return finished
 
     def _finish_reason(self, seq: Sequence) -> str | None:
-        """Why `seq` stops after its newest token, if it does; past the cache's capacity it could never grow."""
+        """Why `seq` stops after its newest token, if it does; at `max_sequence_tokens` it could never grow."""
         token, req = seq.token_ids[-1], seq.request
         if (token in self.eos_token_ids and not req.ignore_eos) or token in req.stop_token_ids:
             return "stop"
-        too_long = seq.num_tokens >= self.max_model_len or seq.num_tokens > self.blocks.capacity_tokens
+        too_long = seq.num_tokens >= max_sequence_tokens(self.max_model_len, self.blocks.capacity_tokens)
         return "length" if too_long or seq.num_output_tokens >= req.max_new_tokens else None
 
     def _finish(self, seq: Sequence, reason: str, now: float | None = None) -> None:

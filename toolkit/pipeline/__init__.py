@@ -3,5 +3,7 @@
 from toolkit.pipeline.embed import EmbeddingsPipeline
 from toolkit.pipeline.generate import RequestStream, TokenGeneratorPipeline
 from toolkit.pipeline.outputs import Completion, StreamChunk
+from toolkit.pipeline.params import SamplingParams
 
-__all__ = ["Completion", "EmbeddingsPipeline", "RequestStream", "StreamChunk", "TokenGeneratorPipeline"]
+__all__ = ["Completion", "EmbeddingsPipeline", "RequestStream", "SamplingParams", "StreamChunk",
+           "TokenGeneratorPipeline"]

@@ -12,8 +12,9 @@ import math
 import os
 import queue
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 from tqdm.auto import tqdm
 
@@ -21,6 +22,8 @@ from toolkit.errors import InvalidRequestError, RemoteError, ToolkitError
 from toolkit.pipeline.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from toolkit.pipeline.inputs import check_encodable, check_messages, check_stop, is_int, is_real, kind
 from toolkit.pipeline.outputs import Completion, StreamChunk
+from toolkit.pipeline.params import PerPrompt, per_prompt_params
+from toolkit.validation import check_prompt_length, check_token_ids
 from toolkit.worker import messages as m
 from toolkit.worker.client import ModelWorker, Sink
 
@@ -70,20 +73,15 @@ class TokenGeneratorPipeline:
                 ids = list(ids["input_ids"])
         elif isinstance(prompt, Sequence) and prompt and all(is_int(x) for x in prompt):
             ids = [int(x) for x in prompt]
-            bad = [x for x in ids if not 0 <= x < info.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"token ids outside the vocabulary [0, {info.vocab_size}): {bad[:5]}")
+            check_token_ids(ids, info.vocab_size)
         else:
             raise InvalidRequestError(
                 f"prompt must be a non-empty str, a list of chat messages or a list of token ids, not {kind(prompt)}"
             )
         if not ids:
             raise InvalidRequestError("prompt tokenizes to no tokens")
-        if len(ids) >= info.max_model_len:
-            raise InvalidRequestError(f"prompt has {len(ids)} tokens; max_model_len is {info.max_model_len}")
-        capacity = info.num_kv_blocks * info.block_size
-        if len(ids) + 1 > capacity:
-            raise InvalidRequestError(f"prompt has {len(ids)} tokens; the KV cache holds {capacity} tokens in all")
+        check_prompt_length(len(ids), max_model_len=info.max_model_len,
+                            kv_cache_tokens=info.num_kv_blocks * info.block_size)
         return ids
 
     def build_request(
@@ -135,7 +133,10 @@ class TokenGeneratorPipeline:
 
     def stream(self, prompt: Prompt, **params: Any) -> RequestStream:
         """Submit now; iterate for StreamChunks. close() (or dropping the stream) cancels the request."""
-        request, stops = self.build_request(prompt, **params)
+        return self._submit(*self.build_request(prompt, **params))
+
+    def _submit(self, request: m.GenerateRequest, stops: list[str]) -> RequestStream:
+        request.arrival_time = time.time()  # the request arrives now, however long ago it was built
         stream = RequestStream(self, request, stops, Sink())
         self.worker.submit(request, stream.sink)
         return stream
@@ -145,25 +146,67 @@ class TokenGeneratorPipeline:
         with self.stream(prompt, **params) as stream:
             return stream.result()
 
-    def generate_batch(self, prompts: Sequence[Prompt], progress: bool = True, **params: Any) -> list[Completion]:
-        """All prompts submitted at once (up to max_queue_size outstanding), results in prompt order."""
-        window = self.worker.settings.max_queue_size
-        streams: list[RequestStream] = []
-        results: list[Completion] = []
-        with tqdm(total=len(prompts), disable=not progress, desc="generate") as bar:
+    @overload
+    def generate_batch(
+        self, prompts: Sequence[Prompt], sampling_params: PerPrompt | Sequence[PerPrompt] | None = None, *,
+        progress: bool = True, return_exceptions: Literal[False] = False, **params: Any,
+    ) -> list[Completion]: ...
+
+    @overload
+    def generate_batch(
+        self, prompts: Sequence[Prompt], sampling_params: PerPrompt | Sequence[PerPrompt] | None = None, *,
+        progress: bool = True, return_exceptions: Literal[True], **params: Any,
+    ) -> list[Completion | Exception]: ...
+
+    def generate_batch(
+        self, prompts: Sequence[Prompt], sampling_params: PerPrompt | Sequence[PerPrompt] | None = None, *,
+        progress: bool = True, return_exceptions: bool = False, **params: Any,
+    ) -> list[Completion] | list[Completion | Exception]:
+        """Every prompt validated first, then all submitted at once (up to max_queue_size outstanding); results
+        in prompt order.
+
+        `sampling_params`, as in vLLM's `LLM.generate`: one SamplingParams (or dict) for every prompt, or a list
+        with one per prompt; keyword parameters apply to every prompt (a dict entry overrides them). A bad prompt
+        raises InvalidRequestError before anything is sent. With `return_exceptions=True` nothing raises: a bad
+        prompt's or a failed request's exception stands in its result's place, and the others run.
+        """
+        if isinstance(prompts, str):
+            raise InvalidRequestError("generate_batch takes a list of prompts, not one str: use generate")
+        built: list[tuple[m.GenerateRequest, list[str]] | Exception] = []
+        for i, (prompt, kwargs) in enumerate(zip(prompts, per_prompt_params(len(prompts), sampling_params, params),
+                                                 strict=True)):
             try:
-                for prompt in prompts:
-                    if len(streams) - len(results) >= window:
-                        results.append(streams[len(results)].result())
+                built.append(self.build_request(prompt, **kwargs))
+            except InvalidRequestError as exc:
+                if not return_exceptions:
+                    raise InvalidRequestError(f"prompt {i}: {exc}") from exc
+                built.append(exc)
+        results: list[Completion | Exception | None] = [b if isinstance(b, Exception) else None for b in built]
+        pending: deque[tuple[int, RequestStream]] = deque()
+        window = self.worker.settings.max_queue_size
+        with tqdm(total=len(built), disable=not progress, desc="generate") as bar:
+            bar.update(sum(r is not None for r in results))
+            try:
+                for i, item in enumerate(built):
+                    if isinstance(item, Exception):
+                        continue
+                    if len(pending) >= window:
+                        _collect(pending.popleft(), results, return_exceptions)
                         bar.update()
-                    streams.append(self.stream(prompt, **params))
-                while len(results) < len(streams):
-                    results.append(streams[len(results)].result())
+                    try:
+                        pending.append((i, self._submit(*item)))
+                    except ToolkitError as exc:  # the worker died or the queue is full: nothing was sent
+                        if not return_exceptions:
+                            raise
+                        results[i] = exc
+                        bar.update()
+                while pending:
+                    _collect(pending.popleft(), results, return_exceptions)
                     bar.update()
             finally:
-                for s in streams:
-                    s.close()
-        return results
+                for _, stream in pending:
+                    stream.close()
+        return results  # type: ignore[return-value]  # every slot is filled once the loop ends
 
     async def astream(self, prompt: Prompt, **params: Any) -> AsyncIterator[StreamChunk]:
         """Async streaming on the caller's running loop (Jupyter's included); cancelling the task cancels."""
@@ -177,6 +220,17 @@ class TokenGeneratorPipeline:
                     yield chunk
         finally:
             stream.close()
+
+
+def _collect(entry: tuple[int, RequestStream], results: list[Any], return_exceptions: bool) -> None:
+    """Wait for one stream of a batch and put its completion (or, if asked, its exception) in its place."""
+    i, stream = entry
+    try:
+        results[i] = stream.result()
+    except Exception as exc:
+        if not return_exceptions:
+            raise
+        results[i] = exc
 
 
 class RequestStream:

@@ -36,11 +36,13 @@ from toolkit.telemetry.metrics import MetricsLog
 from toolkit.worker import messages as m
 from toolkit.worker import process as worker_process
 from toolkit.worker.engine_queue import EngineQueue
+from toolkit.worker.main_guard import check_main_guard
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1  # I/O thread wake-up: bounds how late a death or hang is noticed
 FINAL_METRICS_WAIT_S = 0.05  # after the worker exited: how long to wait for more of its last frames
+EXIT_DRAIN_S = 1.0  # after the worker exited during start-up: how long its last message may still be in flight
 
 
 class WorkerState(str, enum.Enum):
@@ -107,6 +109,7 @@ class _Connection:
         self.ready: m.Ready | None = None
         self.last_heard = time.monotonic()
         self.last_metrics: m.Metrics | None = None  # the latest heartbeat: busy, KV blocks in use now
+        self.step_clock: tuple[int, float] | None = None  # (step, monotonic start) of a step heard running now
         self.hung = False
         self.closing = False
         self.thread = threading.Thread(target=self._io_loop, name="toolkit-worker-io", daemon=True)
@@ -128,6 +131,9 @@ class _Connection:
         deadline = time.monotonic() + self.settings.startup_timeout_s
         while (remaining := deadline - time.monotonic()) > 0:
             died = self.queue.poll(min(remaining, 1.0), extra_fds=(self.process.sentinel,))
+            if died:  # a StartupFailed sent just before the exit may still be on its way: it has the traceback
+                self.process.join(1)
+                self.queue.poll(EXIT_DRAIN_S)
             for message in self.queue.drain():
                 if isinstance(message, m.Ready):
                     return message
@@ -138,7 +144,6 @@ class _Connection:
                         message.error_type,
                     )
             if died:
-                self.process.join(1)
                 raise WorkerStartupError(
                     f"model worker exited before it was ready ({describe_exit(self.process.exitcode)})",
                     _tail(Path(self.settings.log_dir or "", "worker.log")),
@@ -174,7 +179,9 @@ class _Connection:
             state = "shutting down" if self.closing else self.state.value
             raise WorkerNotRunningError(f"model worker is {state}")
         if self.hung:
-            raise WorkerHungError(f"model worker {self.process.pid} is not responding (hang_timeout_s); call restart()")
+            raise WorkerHungError(
+                f"model worker {self.process.pid} is not responding (hang_timeout_s / step_timeout_s); call restart()"
+            )
 
     # ---- the I/O thread -----------------------------------------------------------------------
 
@@ -184,7 +191,9 @@ class _Connection:
             died = self.queue.poll(POLL_S, extra_fds=(sentinel,))
             for message in self.queue.drain():
                 self.last_heard = time.monotonic()
-                self.hung = False  # it speaks again: a slow step, not a dead loop
+                if not _beat_inside_a_step(message):
+                    self.hung = False  # its loop moves again: a slow step, not a dead loop
+                    self.step_clock = None  # the loop sent it, so no step is running (beats are never late)
                 try:
                     self._dispatch(message)
                 except Exception:  # one bad message must not take down the thread every request depends on
@@ -205,6 +214,8 @@ class _Connection:
         elif isinstance(message, m.Metrics):
             self.last_metrics = message
             self.metrics.add(message)
+            if message.step_running_s > 0 and (self.step_clock is None or self.step_clock[0] != message.step):
+                self.step_clock = (message.step, time.monotonic() - message.step_running_s)
         else:
             log.warning("unexpected message from the worker: %r", type(message).__name__)
 
@@ -235,15 +246,23 @@ class _Connection:
         )
 
     def _check_hang(self) -> None:
-        silent = time.monotonic() - self.last_heard
-        if not self.pending or silent < self.settings.hang_timeout_s or self.hung:
+        """Hung: silent (no heartbeat either) past hang_timeout_s, or one step running past step_timeout_s."""
+        if not self.pending or self.hung:
             return
-        log.error("model worker %s silent for %.1f s with requests in flight", self.process.pid, silent)
+        now, pid = time.monotonic(), self.process.pid
+        silent = now - self.last_heard
+        stuck = now - self.step_clock[1] if self.step_clock else 0.0
+        if silent >= self.settings.hang_timeout_s:
+            why = f"model worker {pid} sent nothing for {silent:.1f} s (hang_timeout_s={self.settings.hang_timeout_s})"
+        elif stuck >= self.settings.step_timeout_s:
+            why = (f"model worker {pid} has been in one step for {stuck:.1f} s "
+                   f"(step_timeout_s={self.settings.step_timeout_s}); it still sends heartbeats")
+        else:
+            return
+        log.error("%s, with %d requests in flight", why, len(self.pending))
         with self.lock:
             self.hung = True  # under the lock: no request slips in between the failing and the refusing
-        failed = self.fail_pending(
-            WorkerHungError(f"model worker {self.process.pid} sent nothing for {silent:.1f} s (hang_timeout_s)")
-        )
+        failed = self.fail_pending(WorkerHungError(why))
         self.queue.send_request(m.Cancel(failed))  # if it ever wakes, it drops work nobody waits for
         if self.settings.restart_on_hang:
             self.on_hang()
@@ -291,6 +310,11 @@ class _Connection:
                 return
 
 
+def _beat_inside_a_step(message: object) -> bool:
+    """A heartbeat from the worker's heartbeat thread, sent while one step runs: proof of life, not of progress."""
+    return isinstance(message, m.Metrics) and message.step_running_s > 0
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -318,6 +342,7 @@ class ModelWorker:
         """Spawn the process and wait for Ready; raises WorkerStartupError with the child's traceback."""
         if self._conn is not None and self._conn.state is WorkerState.READY:
             return self
+        check_main_guard()
         weak_self = weakref.ref(self)
         conn = _Connection(self.settings, self.log_dir, self.metrics, lambda: _restart_later(weak_self))
         conn.start()

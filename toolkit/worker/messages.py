@@ -66,6 +66,7 @@ class Ready(msgspec.Struct, tag=True):
     eos_token_ids: list[int]
     load_time_s: float
     tokenizer_dir: str = ""  # where the worker saved its tokenizer, so the parent uses the very same one
+    notes: list[str] = []  # what the worker changed at load and why, e.g. max_model_len clamped to a sliding window
 
 
 class StartupFailed(msgspec.Struct, tag=True):
@@ -79,11 +80,11 @@ class TokenDelta(msgspec.Struct, array_like=True, omit_defaults=True):
 
     request_id: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" ("error" ends go out as RequestFailed)
 
 
 class RequestFailed(msgspec.Struct, tag=True):
-    """One request ended in an error inside the worker; others go on."""
+    """One request ended in an error inside the worker (its finish_reason is "error"); others go on."""
 
     request_id: str
     error_type: str
@@ -149,13 +150,13 @@ class RequestMetrics(msgspec.Struct, array_like=True):
     ttft_s: float  # NaN if no token came out (cancelled early)
     itl_mean_s: float  # NaN with fewer than two output tokens, and for embeddings
     e2e_s: float
-    finish_reason: str
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     preemptions: int = 0
     pid: int = 0  # the worker process that served (finished) the request
 
 
 class Metrics(msgspec.Struct, tag=True):
-    """Coalesced telemetry, sent every metrics_interval_s; doubles as the heartbeat.
+    """Coalesced telemetry, sent every metrics_interval_s; doubles as the heartbeat, also from inside a long step.
 
     A worker told to shut down sends what it still holds before it exits; one killed (SIGKILL, a hang) loses at
     most the last metrics_interval_s of rows.
@@ -166,6 +167,8 @@ class Metrics(msgspec.Struct, tag=True):
     steps: list[StepMetrics] = []
     requests: list[RequestMetrics] = []
     kv_blocks_used: int = 0  # now, not at the last step: an idle worker reporting > 0 has leaked blocks
+    step: int = 0  # with step_running_s > 0: the index of the step in progress (a heartbeat from inside it)
+    step_running_s: float = 0.0  # how long that step had run when sent; 0.0: sent between steps
 
 
 ToWorker = GenerateRequest | EmbedRequest | Cancel | Shutdown

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from toolkit.settings import Settings
 from toolkit.worker import messages as m
 from toolkit.worker.engine_queue import EngineQueue
+from toolkit.worker.heartbeat import StepHeartbeat
 
 if TYPE_CHECKING:  # the parent imports this module (the spawn target): it must not pull in the engine package
     from toolkit.engine.protocol import EngineProtocol
@@ -97,8 +98,15 @@ class WorkerLoop:
         self.orphaned = False  # the parent died: exit at once, deliver nothing
         self.pending_steps: list[m.StepMetrics] = []
         self.last_metrics = 0.0
+        self.heartbeat = StepHeartbeat(queue, settings.metrics_interval_s)
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.heartbeat.close()
+
+    def _run(self) -> None:
         while not self.stopping:
             busy = self.engine.has_work
             self.queue.poll(0 if busy else IDLE_POLL_S)
@@ -110,7 +118,7 @@ class WorkerLoop:
                 return
             if self.engine.has_work and not self.stopping:
                 self.step()
-            self.maybe_send_metrics(final=self.stopping)
+            self.maybe_send_metrics(force=self.stopping)
 
     def handle(self, message: Any) -> None:
         if isinstance(message, (m.GenerateRequest, m.EmbedRequest)):
@@ -130,39 +138,52 @@ class WorkerLoop:
 
     def step(self) -> None:
         try:
-            results, metrics = self.engine.step()
-        except Exception as exc:  # a failed step fails its requests, not the worker
+            with self.heartbeat.step(self.engine.kv_blocks_used):
+                results, metrics = self.engine.step()
+        except Exception as exc:  # a failed step fails the requests it ran, not the worker nor the waiting ones
             log.exception("step failed")
-            self.fail(self.engine.abort_all(), exc)
-            return
+            self.fail(self.engine.fail_scheduled(), exc)
+        else:
+            self.deliver(results, metrics)
+        if self.heartbeat.beats_in_step:  # a step long enough to beat in: say at once that it is over
+            self.maybe_send_metrics(force=True)
+
+    def deliver(self, results: list[Any], metrics: m.StepMetrics) -> None:
+        """One StepOutput with every request's new tokens and failures; embedding results on their own."""
         self.pending_steps.append(metrics)
-        deltas = [r for r in results if isinstance(r, m.TokenDelta)]
-        if deltas:
-            self.queue.send_response(m.StepOutput(deltas=deltas))
+        failures = [_failure(rid, exc) for rid, exc in self.engine.pop_failures()]
+        failed = {f.request_id for f in failures}
+        deltas = [r for r in results if isinstance(r, m.TokenDelta) and r.request_id not in failed]
+        if deltas or failures:
+            self.queue.send_response(m.StepOutput(deltas=deltas, failures=failures))
         for result in results:
             if not isinstance(result, m.TokenDelta):
                 self.queue.send_response(result)
 
     def fail(self, request_ids: list[str], exc: BaseException) -> None:
-        tb = traceback.format_exc()
-        failures = [m.RequestFailed(rid, type(exc).__name__, str(exc), tb) for rid in request_ids]
+        failures = [_failure(rid, exc) for rid in request_ids]
         if failures:
             self.queue.send_response(m.StepOutput(deltas=[], failures=failures))
 
-    def maybe_send_metrics(self, final: bool = False) -> None:
-        """Send the coalesced rows (and a heartbeat) once per interval; `final` sends now, before the loop ends."""
+    def maybe_send_metrics(self, force: bool = False) -> None:
+        """Send the coalesced rows (and a heartbeat) once per interval; `force` sends now (a long step just ended,
+        or the loop is about to end)."""
         now = time.time()
         busy = self.engine.has_work
         interval = self.settings.metrics_interval_s if busy or self.pending_steps else IDLE_POLL_S * 2
-        if now - self.last_metrics < interval and not final:
+        if now - self.last_metrics < interval and not force:
             return
         requests = self.engine.pop_request_metrics()
         used = self.engine.kv_blocks_used
-        self.queue.send_response(
-            m.Metrics(sent_at=now, busy=busy, steps=self.pending_steps, requests=requests, kv_blocks_used=used)
-        )
+        self.queue.send_response(m.Metrics(sent_at=now, busy=busy, steps=self.pending_steps, requests=requests,
+                                           kv_blocks_used=used, step=self.heartbeat.step_index))
         self.pending_steps = []
         self.last_metrics = now
+
+
+def _failure(request_id: str, exc: BaseException) -> m.RequestFailed:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return m.RequestFailed(request_id, type(exc).__name__, str(exc), tb)
 
 
 def _install_signal_handlers() -> None:
