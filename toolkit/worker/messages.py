@@ -66,6 +66,10 @@ class Ready(msgspec.Struct, tag=True):
     eos_token_ids: list[int]
     load_time_s: float
     tokenizer_dir: str = ""  # where the worker saved its tokenizer, so the parent uses the very same one
+    linear_kernel: str = ""  # the CPU linear kernel per row range with its probe times, or "torch (why not probed)"
+    num_threads: int = 0  # torch threads in the worker
+    cpu_capability: str = ""  # torch.backends.cpu.get_cpu_capability(): "AVX512", "AVX2", ...
+    warnings: list[str] = []  # e.g. a dtype this CPU has no native arithmetic for
 
 
 class StartupFailed(msgspec.Struct, tag=True):
