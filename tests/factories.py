@@ -7,8 +7,10 @@ worker can import it.
 
 from __future__ import annotations
 
+import io
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from toolkit import models
@@ -17,11 +19,20 @@ HANG_AFTER_ENV = "TOOLKIT_TEST_HANG_AFTER_CALLS"
 SLEEP_ENV = "TOOLKIT_TEST_SLEEP_S"
 POISON_TOKEN = 4242  # poisoned(): a forward whose input holds this id raises
 SLIDING_WINDOW = 24  # sliding_window_mistral(): its attention window, in tokens
+_kept: list[Any] = []
 
 
 def tiny(device: str, dtype: str) -> tuple[Any, Any]:
     """The tiny test model, through the factory path."""
     return models.load(models.TINY_MODEL, device=device, dtype=dtype)
+
+
+def with_mp_lock(device: str, dtype: str) -> tuple[Any, Any]:
+    """The tiny model, after making a multiprocessing lock in the worker as tqdm does for its first progress bar."""
+    import multiprocessing
+
+    _kept.append(multiprocessing.RLock())  # in a spawned child: a named semaphore, registered with the tracker
+    return tiny(device, dtype)
 
 
 def raising(device: str, dtype: str) -> tuple[Any, Any]:
@@ -87,3 +98,26 @@ def sliding_window_mistral(device: str, dtype: str) -> tuple[Any, Any]:
         model = MistralForCausalLM(config)
     model.generation_config.eos_token_id = 2
     return model, models.load_tokenizer(models.DEFAULT_MODEL)
+
+
+SPM_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world, hello there! Streaming text one token at a time.",
+    "Déjà vu: a naïve café, emojis 🧪🚀 and 中文字符.",
+    "Numbers 123 and 4567, tabs\tand newlines.",
+]
+
+
+def sentencepiece_tokenizer(directory: Path) -> Any:
+    """A Llama-style SentencePiece tokenizer (BPE, byte fallback, adds BOS), trained offline here in ~0.1 s."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SPM_TEXT * 20), model_writer=model, vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    return LlamaTokenizer.from_pretrained(directory, add_bos_token=True)

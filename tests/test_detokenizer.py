@@ -75,3 +75,51 @@ def test_holdback_is_released_at_the_end() -> None:
 def test_earliest_of_several_stop_strings_wins() -> None:
     matcher = StopStringMatcher(["world", "lo"])
     assert matcher.feed("hello world", final=False) + matcher.feed("", final=True) == "hel"
+
+
+# ---- SentencePiece: the first output token keeps its leading space --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spm(tmp_path_factory: pytest.TempPathFactory):
+    from tests.factories import sentencepiece_tokenizer
+
+    return sentencepiece_tokenizer(tmp_path_factory.mktemp("spm"))
+
+
+def split_at_words(tokenizer, text: str) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, output ids) for every cut just before a word-initial piece ('▁...')."""
+    ids = tokenizer(text).input_ids  # with BOS, as a prompt would be encoded
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    return [(ids[:k], ids[k:]) for k in range(2, len(ids)) if pieces[k].startswith("▁")]
+
+
+@pytest.mark.parametrize("text", ["Hello world, hello there!", "The quick brown fox: déjà vu 🧪 café."])
+def test_sentencepiece_stream_keeps_the_first_space(spm, text: str) -> None:
+    cuts = split_at_words(spm, text)
+    assert len(cuts) >= 3
+    for prompt, output in cuts:
+        detok = IncrementalDetokenizer(spm, prompt_token_ids=prompt)
+        streamed = "".join(detok.add([i]) for i in output) + detok.flush()
+        whole = spm.decode(prompt + output, skip_special_tokens=True)
+        head = spm.decode(prompt, skip_special_tokens=True)
+        assert whole.startswith(head)
+        assert streamed == whole[len(head) :]  # the continuation exactly as the whole text reads
+        assert streamed.startswith(" ") and streamed[1:] == spm.decode(output)
+        unseeded = IncrementalDetokenizer(spm)
+        assert "".join(unseeded.add([i]) for i in output) + unseeded.flush() == spm.decode(output)  # loses it
+
+
+def test_a_short_prompt_seeds_all_it_has(spm) -> None:
+    prompt = spm("Hi").input_ids
+    detok = IncrementalDetokenizer(spm, prompt_token_ids=prompt)
+    assert detok.token_ids == prompt and detok.read_offset == len(prompt)
+    out = spm(" there", add_special_tokens=False).input_ids
+    assert "".join(detok.add([i]) for i in out) + detok.flush() == " there"
+
+
+def test_seeding_changes_nothing_for_byte_level_bpe(tokenizer) -> None:
+    prompt = tokenizer.encode("Once upon a time", add_special_tokens=False)
+    output = tokenizer.encode(" there was a café 🧪.", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, prompt_token_ids=prompt)
+    assert "".join(detok.add([i]) for i in output) + detok.flush() == tokenizer.decode(output)

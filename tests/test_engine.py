@@ -50,12 +50,18 @@ def _assert_parity(model: Any, prompt: list[int], got: list[int], want: list[int
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[Any, Any]:
+    """The reference: never given to an Engine, which makes its model its own (paged attention, CPU linear)."""
+    return models.load(models.TINY_MODEL, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def engine_model() -> tuple[Any, Any]:
     return models.load(models.TINY_MODEL, device="cpu", dtype="float32")
 
 
 @pytest.fixture
-def tiny_engine(tiny: tuple[Any, Any]) -> Engine:
-    model, tokenizer = tiny
+def tiny_engine(engine_model: tuple[Any, Any]) -> Engine:
+    model, tokenizer = engine_model
     return Engine(_settings(models.TINY_MODEL, num_kv_blocks=64, block_size=8, max_batch_tokens=64),
                   model=model, tokenizer=tokenizer)
 
@@ -83,9 +89,9 @@ def test_ready_info_fills_ready(tiny_engine: Engine) -> None:
     assert info["max_model_len"] == 2048 and info["eos_token_ids"] == [2] and info["dtype"] == "float32"
 
 
-def test_kv_cache_sized_from_gib(tiny: tuple[Any, Any]) -> None:
-    engine = Engine(_settings(models.TINY_MODEL, kv_cache_gib=1 / 1024, block_size=16), model=tiny[0],
-                    tokenizer=tiny[1])
+def test_kv_cache_sized_from_gib(engine_model: tuple[Any, Any]) -> None:
+    engine = Engine(_settings(models.TINY_MODEL, kv_cache_gib=1 / 1024, block_size=16), model=engine_model[0],
+                    tokenizer=engine_model[1])
     assert engine.num_blocks == 128  # 2 layers * K,V * 2 heads * 16 dims * 16 tokens * 4 bytes = 8 KiB a block
     assert engine.kv_cache_bytes() == 2**20 == engine.runner.cache.nbytes()
 
@@ -259,3 +265,17 @@ def test_tiny_engine_on_cuda(dtype: str) -> None:
     engine.add(GenerateRequest("m", prompts[0], max_new_tokens=2))
     _, metrics = engine.step()
     assert metrics.device_mem_bytes > 0
+
+
+def test_an_in_process_engine_leaves_torch_threads_alone(engine_model: tuple[Any, Any]) -> None:
+    """The notebook kernel's thread count is the caller's; only set_threads=True (or the worker) applies it."""
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    settings = _settings(models.TINY_MODEL, num_kv_blocks=8, num_threads=wanted)
+    engine = Engine(settings, model=engine_model[0], tokenizer=engine_model[1])
+    assert torch.get_num_threads() == before and engine.ready_info()["num_threads"] == before
+    try:
+        Engine(settings, model=engine_model[0], tokenizer=engine_model[1], set_threads=True)
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)

@@ -93,7 +93,7 @@ def test_cancel_stops_one_request_and_keeps_its_text(console: PromptConsole) -> 
     console.max_tokens.value = console.max_tokens.max
     console.burst_size.value = 2
     console.burst_button.click()
-    wait_until(lambda: len(console.panes) == 2 and all(p.stream.token_ids for p in console.panes.values()),
+    wait_until(lambda: len(console.panes) == 2 and all(p.token_ids for p in console.panes.values()),
                message=lambda: f"{console.status.value} {console.panes}")
     first, second = console.panes.values()
     first.cancel.click()
@@ -134,11 +134,11 @@ def test_a_worker_crash_ends_the_panes_with_the_error() -> None:
     with start_model_worker(tiny_settings()) as worker:
         console = PromptConsole(TokenGeneratorPipeline(worker), max_new_tokens=1500, ignore_eos=True)
         console.submit("a long one")
-        wait_until(lambda: any(p.stream.token_ids for p in console.panes.values()))
+        wait_until(lambda: any(p.token_ids for p in console.panes.values()))
         os.kill(worker.pid, signal.SIGKILL)
         assert console.wait(timeout_s=10), "a crash must end the request, not leave it hanging"
         (pane,) = console.panes.values()
-        assert pane.timing.value.startswith("failed: WorkerCrashedError") and pane.stream.text
+        assert pane.timing.value.startswith("failed: WorkerCrashedError") and pane.shown
 
         console.submit("after the crash")
         assert console.wait(timeout_s=10)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
 import time
 
 import pytest
 
-from toolkit import InvalidRequestError, SamplingParams, TokenGeneratorPipeline
+from toolkit import (
+    Completion,
+    InvalidRequestError,
+    RequestTimeoutError,
+    SamplingParams,
+    StreamChunk,
+    TokenGeneratorPipeline,
+)
 
 
 def still_serves(pipe: TokenGeneratorPipeline) -> None:
@@ -199,3 +208,134 @@ def test_seeded_sampling_is_reproducible(tiny_pipe) -> None:
     a = tiny_pipe.generate("sample me", max_new_tokens=10, temperature=1.0, seed=123, ignore_eos=True)
     b = tiny_pipe.generate("sample me", max_new_tokens=10, temperature=1.0, seed=123, ignore_eos=True)
     assert a.token_ids == b.token_ids
+
+
+# ---- encoding like tokenizer(prompt), seeding the detokenizer with the prompt ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def spm_pipe(tiny_worker, tmp_path_factory: pytest.TempPathFactory) -> TokenGeneratorPipeline:
+    """The tiny worker behind a SentencePiece tokenizer that adds BOS (its 400 ids are all in the tiny vocab)."""
+    from tests.factories import sentencepiece_tokenizer
+
+    return TokenGeneratorPipeline(tiny_worker, tokenizer=sentencepiece_tokenizer(tmp_path_factory.mktemp("spm")))
+
+
+def test_raw_text_is_encoded_as_the_tokenizer_does_by_default(spm_pipe, tiny_pipe) -> None:
+    bos = spm_pipe.tokenizer.bos_token_id
+    request, _ = spm_pipe.build_request("Hello world")
+    assert request.prompt_token_ids == spm_pipe.tokenizer("Hello world").input_ids
+    assert request.prompt_token_ids[0] == bos
+    bare, _ = spm_pipe.build_request("Hello world", add_special_tokens=False)
+    assert bare.prompt_token_ids == request.prompt_token_ids[1:]
+    assert tiny_pipe.tokenize("Hello world") == tiny_pipe.tokenizer("Hello world").input_ids
+    with pytest.raises(InvalidRequestError, match="add_special_tokens"):
+        spm_pipe.build_request("Hello world", add_special_tokens="no")
+
+
+def test_a_stream_keeps_the_space_before_its_first_word(spm_pipe) -> None:
+    from toolkit.pipeline import RequestStream
+    from toolkit.worker import messages as m
+    from toolkit.worker.client import Sink
+
+    request, _ = spm_pipe.build_request("Hello")
+    stream = RequestStream(spm_pipe, request, [], Sink())
+    output = spm_pipe.tokenizer(" world there", add_special_tokens=False).input_ids
+    chunks = [stream.on_item(m.TokenDelta(request.request_id, [t])) for t in output]
+    chunks.append(stream.on_item(m.TokenDelta(request.request_id, [], "length")))
+    assert "".join(c.text for c in chunks) == stream.text == " world there"
+    assert {c.request_id for c in chunks} == {request.request_id}
+
+
+# ---- timeouts, agenerate, callbacks --------------------------------------------------------------------------
+
+
+def wait_idle(pipe: TokenGeneratorPipeline) -> None:
+    deadline = time.monotonic() + 10
+    while pipe.worker.health()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pipe.worker.health()["in_flight"] == 0
+
+
+def test_generate_timeout_cancels_and_raises(tiny_pipe) -> None:
+    started = time.monotonic()
+    with pytest.raises(RequestTimeoutError, match=r"timeout_s=0\.3") as info:
+        tiny_pipe.generate("go on forever", max_new_tokens=2000, ignore_eos=True, timeout_s=0.3)
+    assert isinstance(info.value, TimeoutError) and time.monotonic() - started < 3
+    wait_idle(tiny_pipe)  # the worker dropped it
+    still_serves(tiny_pipe)
+
+
+def test_stream_timeout_keeps_the_text_so_far(tiny_pipe) -> None:
+    stream = tiny_pipe.stream("go on forever", max_new_tokens=2000, ignore_eos=True, timeout_s=0.5)
+    chunks = []
+    with pytest.raises(RequestTimeoutError):
+        for chunk in stream:
+            chunks.append(chunk)
+    assert chunks and stream.finish_reason == "cancelled" and stream.text == "".join(c.text for c in chunks)
+    wait_idle(tiny_pipe)
+    assert len(tiny_pipe.generate("quick", max_new_tokens=3, ignore_eos=True, timeout_s=30).token_ids) == 3
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.nan, "5"])
+def test_bad_timeout_is_refused(tiny_pipe, bad: object) -> None:
+    with pytest.raises(InvalidRequestError, match="timeout_s"):
+        tiny_pipe.generate("hello", timeout_s=bad)
+
+
+def test_agenerate_equals_generate_and_times_out(tiny_pipe) -> None:
+    async def main() -> tuple[Completion, BaseException]:
+        done = await tiny_pipe.agenerate("async twin", max_new_tokens=6, ignore_eos=True)
+        try:
+            await tiny_pipe.agenerate("go on forever", max_new_tokens=2000, ignore_eos=True, timeout_s=0.3)
+        except RequestTimeoutError as exc:
+            return done, exc
+        raise AssertionError("no timeout")
+
+    done, _ = asyncio.run(asyncio.wait_for(main(), 60))
+    same = tiny_pipe.generate("async twin", max_new_tokens=6, ignore_eos=True)
+    assert (done.token_ids, done.text, done.finish_reason) == (same.token_ids, same.text, "length")
+    wait_idle(tiny_pipe)
+
+
+def test_submit_calls_back_every_chunk_then_done_once(tiny_pipe) -> None:
+    chunks: list[StreamChunk] = []
+    ends: list[tuple[Completion, Exception | None]] = []
+    handle = tiny_pipe.submit("call me back", max_new_tokens=8, ignore_eos=True,
+                              on_chunk=chunks.append, on_done=lambda c, e: ends.append((c, e)))
+    done = handle.wait(timeout_s=30)
+    assert ends == [(done, None)] and handle.done and handle.completion is done
+    assert "".join(c.text for c in chunks) == done.text == handle.text
+    assert [t for c in chunks for t in c.token_ids] == done.token_ids and len(done.token_ids) == 8
+    assert {c.request_id for c in chunks} == {handle.request_id} == {done.request_id}
+    same = tiny_pipe.generate("call me back", max_new_tokens=8, ignore_eos=True)
+    assert same.token_ids == done.token_ids and same.text == done.text
+
+
+def test_cancel_through_the_handle_ends_it_once(tiny_pipe) -> None:
+    first = threading.Event()
+    ends: list[Completion] = []
+    after_done: list[StreamChunk] = []
+
+    def on_chunk(chunk: StreamChunk) -> None:
+        if ends:
+            after_done.append(chunk)
+        first.set()
+
+    handle = tiny_pipe.submit("go on forever", max_new_tokens=2000, ignore_eos=True, on_chunk=on_chunk,
+                              on_done=lambda c, e: ends.append(c))
+    assert first.wait(30)
+    handle.cancel()
+    handle.cancel()
+    assert [c.finish_reason for c in ends] == ["cancelled"] and handle.wait(0).finish_reason == "cancelled"
+    wait_idle(tiny_pipe)
+    assert not after_done and len(ends) == 1
+
+
+def test_a_raising_callback_does_not_break_the_worker_handle(tiny_pipe) -> None:
+    def boom(chunk: StreamChunk) -> None:
+        raise RuntimeError("UI bug")
+
+    handle = tiny_pipe.submit("robust", max_new_tokens=4, ignore_eos=True, on_chunk=boom)
+    assert len(handle.wait(timeout_s=30).token_ids) == 4
+    still_serves(tiny_pipe)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -73,6 +74,7 @@ def _check_mixed_steps(model: torch.nn.Module, vocab: int, atol: float) -> None:
     rng = random.Random(0)
     blocks = BlockManager(64, BLOCK)
     rng.shuffle(blocks.free_blocks)  # non-contiguous block tables
+    reference = copy.deepcopy(model)  # plain HF: the runner switches `model` to its attention for good
     runner = ModelRunner(model, num_blocks=64, block_size=BLOCK, device=model.device, dtype=torch.float32)
     prompts = {"a": 7, "b": 13, "c": 22, "d": 9, "e": 2}
     seqs = {k: _seq(k, [rng.randrange(vocab) for _ in range(n)]) for k, n in prompts.items()}
@@ -88,7 +90,7 @@ def _check_mixed_steps(model: torch.nn.Module, vocab: int, atol: float) -> None:
     got.update(_run_step(runner, step2))
     ends = {"a": 8, "b": 14, "c": 22, "d": 9, "e": 3}
     for k, end in ends.items():
-        torch.testing.assert_close(got[k], _reference_logits(model, seqs[k], end), atol=atol, rtol=0)
+        torch.testing.assert_close(got[k], _reference_logits(reference, seqs[k], end), atol=atol, rtol=0)
 
 
 def test_ragged_batch_matches_plain_forward(llama: torch.nn.Module) -> None:
@@ -111,9 +113,11 @@ def test_other_families_run_unchanged(cls: type, config_cls: type, extra: dict[s
         _check_mixed_steps(_tiny(cls, config_cls, **extra), SMALL["vocab_size"], atol=1e-4)
 
 
-def test_execute_samples_greedy_and_hf_generate_still_works(llama: torch.nn.Module) -> None:
+def test_attention_is_set_once_and_hf_generate_still_works(llama: torch.nn.Module) -> None:
+    """The runner switches the model's attention when built, not per forward; generate falls back to SDPA."""
     blocks = BlockManager(16, BLOCK)
     runner = ModelRunner(llama, num_blocks=16, block_size=BLOCK)
+    assert llama.config._attn_implementation == ATTN_IMPLEMENTATION
     seq = _seq("x", [5, 6, 7, 8, 9])
     out_tokens = []
     for _ in range(4):
@@ -123,10 +127,12 @@ def test_execute_samples_greedy_and_hf_generate_still_works(llama: torch.nn.Modu
         seq.num_computed_tokens += n
         seq.token_ids.append(sampled["x"])
         out_tokens.append(sampled["x"])
+    assert llama.config._attn_implementation == ATTN_IMPLEMENTATION
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.inference_mode():
-        expected = llama.generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=4, do_sample=False)[0, 5:].tolist()
-    assert out_tokens == expected
-    assert llama.config._attn_implementation != "toolkit_paged"
+        expected = build_tiny_llama().eval().generate(prompt, max_new_tokens=4, do_sample=False)[0, 5:].tolist()
+        after = llama.generate(prompt, max_new_tokens=4, do_sample=False)[0, 5:].tolist()
+    assert out_tokens == expected == after
 
 
 def test_hf_builds_no_mask_and_sliding_window_is_guarded(llama: torch.nn.Module) -> None:

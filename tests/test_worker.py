@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from tests.conftest import tiny_settings
 from toolkit import (
@@ -123,3 +127,46 @@ def test_async_context_manager_and_astream() -> None:
     assert sum(len(c.token_ids) for c in chunks) == 5
     assert chunks[-1].finish_reason == "length"
     assert state is WorkerState.STOPPED
+
+
+def test_ready_reports_threads_kernels_and_host(tiny_worker) -> None:
+    info = tiny_worker.info
+    assert info.num_threads == 1  # tiny_settings: num_threads=1, set by the worker process itself
+    assert info.cpu_capability == torch.backends.cpu.get_cpu_capability()
+    assert info.linear_kernel.startswith("rows 1-4: ") and "; rows 5+: " in info.linear_kernel
+    assert "ms" in info.linear_kernel  # the probe's measured times travel with the choice
+    assert info.warnings == [] and tiny_worker.health()["warnings"] == []  # float32: nothing to warn about
+    assert info.tokenizer_dir == str(Path(str(tiny_worker.ipc_dir), "tokenizer"))  # ipc_dir: the entry's argument
+
+
+def test_a_dtype_without_native_support_is_warned_once_everywhere() -> None:
+    """float16 has no native arithmetic on most x86 CPUs (no AVX512_FP16 / AMX-FP16); the host decides."""
+    from toolkit.engine.hardware import dtype_warnings
+
+    expected = dtype_warnings("cpu", torch.float16)
+    with start_model_worker(tiny_settings(dtype="float16")) as worker:
+        assert worker.info.dtype == "float16" and worker.info.warnings == expected
+        assert worker.health()["warnings"] == expected
+        assert worker.info.linear_kernel == "torch (float16: torch's own kernels)"
+        for warning in expected:
+            assert sum(" WARNING " in line and warning in line for line in worker.logs().splitlines()) == 1
+        out = TokenGeneratorPipeline(worker).generate("still works", max_new_tokens=2, ignore_eos=True)
+        assert len(out.token_ids) == 2
+
+
+def test_no_leaked_semaphore_warning_after_a_worker_made_a_lock(tmp_path: Path) -> None:
+    """tqdm (transformers' "Loading weights") makes a multiprocessing lock in the worker; it must be released."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "from tests.conftest import tiny_settings\n"
+        "from toolkit import TokenGeneratorPipeline, start_model_worker\n"
+        "if __name__ == '__main__':\n"
+        "    with start_model_worker(tiny_settings(model='tests.factories:with_mp_lock')) as worker:\n"
+        "        print(len(TokenGeneratorPipeline(worker).generate('hi', max_new_tokens=2).token_ids))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() in ("1", "2")
+    assert "leaked semaphore" not in done.stderr, done.stderr

@@ -19,6 +19,10 @@ class RequestCancelledError(ToolkitError):
     """Raised only where a caller asked for cancellation to be an error."""
 
 
+class RequestTimeoutError(ToolkitError, TimeoutError):
+    """A request did not finish within the caller's `timeout_s`; it has been cancelled in the worker."""
+
+
 class ModelNotFoundError(ToolkitError, ValueError):
     """A model name that no loader knows, or a file that is not where it should be."""
 

@@ -50,7 +50,6 @@ class Settings(BaseSettings):
     cache_dir: str | None = Field(None, description="converted-model cache; None: ~/.cache/toolkit")
     log_dir: str | None = Field(None, description="where worker logs go; None: the worker's private temp dir")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="worker log level")
-    ipc_dir: str | None = Field(None, description="set by start_model_worker: the private dir of the ipc sockets")
 
     @field_validator("device")
     @classmethod

@@ -107,7 +107,7 @@ def run_toolkit_inprocess(cfg: BenchConfig, requests: Sequence[BenchRequest]) ->
 
     run = SystemRun("toolkit-inprocess")
     loading = time.perf_counter()
-    engine = Engine(toolkit_settings(cfg))
+    engine = Engine(toolkit_settings(cfg), set_threads=True)  # this process is the benchmark's own
     run.load_s = time.perf_counter() - loading
     drive_steps(EngineStepper(engine), warmup_requests(requests, cfg.warmup), None, run.name, progress=False)
     stepper = EngineStepper(engine)

@@ -19,6 +19,7 @@ import torch
 
 from toolkit import models
 from toolkit.embeddings.scheduler import EmbeddingsScheduler, EmbedItem, EmbedJob
+from toolkit.engine.hardware import hardware_info
 from toolkit.engine.step_metrics import PhaseTimes, StepProbe
 from toolkit.errors import ModelNotFoundError
 from toolkit.settings import Settings
@@ -83,8 +84,10 @@ def _read_json(path: Path, default: Any) -> Any:
 class EmbeddingsEngine:
     """The embedding worker's engine, driven by the worker loop like the generation Engine (EngineProtocol)."""
 
-    def __init__(self, settings: Settings, *, model: Any = None, tokenizer: Any = None) -> None:
-        if settings.num_threads:
+    def __init__(
+        self, settings: Settings, *, model: Any = None, tokenizer: Any = None, set_threads: bool = False
+    ) -> None:
+        if set_threads and settings.num_threads:  # the worker process sets threads; in-process, only if asked
             torch.set_num_threads(settings.num_threads)
         spec = models.resolve(settings.model)
         if model is None:
@@ -92,6 +95,7 @@ class EmbeddingsEngine:
         self.settings, self.model, self.tokenizer = settings, model, tokenizer
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
+        self.hardware = hardware_info(self.device, self.dtype)
         model_limit = int(getattr(model.config, "max_position_embeddings", 512))
         self.recipe = EmbeddingRecipe.from_dir(spec.source, min(model_limit, tokenizer.model_max_length))
         self.scheduler = EmbeddingsScheduler(settings.max_batch_size, settings.max_batch_tokens)
@@ -108,7 +112,7 @@ class EmbeddingsEngine:
             "model": self.settings.model, "task": "embed", "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."), "num_kv_blocks": 0, "block_size": 0,
             "max_model_len": self.recipe.max_seq_length, "vocab_size": int(self.model.config.vocab_size),
-            "eos_token_ids": [],
+            "eos_token_ids": [], "num_threads": torch.get_num_threads(), **self.hardware,
         }
 
     @property

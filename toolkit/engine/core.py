@@ -15,11 +15,13 @@ import torch
 
 from toolkit import models
 from toolkit.engine.block_manager import BlockManager
+from toolkit.engine.hardware import hardware_info
 from toolkit.engine.request import Sequence
 from toolkit.engine.runner import ModelRunner
 from toolkit.engine.scheduler import ScheduledSequence, SchedulerOutput, TokenGenerationScheduler
 from toolkit.engine.step_metrics import StepProbe
 from toolkit.layers.kv_cache import num_blocks_for_budget
+from toolkit.layers.linear import choose_linear_kernels
 from toolkit.settings import Settings
 from toolkit.validation import check_token_ids
 from toolkit.worker.messages import GenerateRequest, RequestMetrics, StepMetrics, TokenDelta
@@ -28,10 +30,17 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    """Loads (or is given) a model, sizes the paged KV cache, and runs continuous-batching steps."""
+    """Loads (or is given) a model, sizes the paged KV cache, and runs continuous-batching steps.
 
-    def __init__(self, settings: Settings, *, model: Any = None, tokenizer: Any = None) -> None:
-        if settings.num_threads:
+    The model becomes the engine's: its attention is switched to the paged one, and on CPU in float32 its nn.Linear
+    modules may be given faster kernels (`choose_linear_kernels`). torch's thread count is the caller's unless
+    `set_threads=True` applies `settings.num_threads` (the worker process sets it before building the engine).
+    """
+
+    def __init__(
+        self, settings: Settings, *, model: Any = None, tokenizer: Any = None, set_threads: bool = False
+    ) -> None:
+        if set_threads and settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         if model is None:
             device = models.resolve_device(settings.device)
@@ -57,6 +66,8 @@ class Engine:
         self.runner = ModelRunner(
             model, num_blocks=self.num_blocks, block_size=settings.block_size, device=self.device, dtype=self.dtype
         )
+        self.linear_plan = choose_linear_kernels(model)
+        self.hardware = hardware_info(self.device, self.dtype)
         self.peak_batch_size = 0
         self._stepping: SchedulerOutput | None = None  # the batch of the step in progress, for fail_scheduled
         self._failures: list[tuple[str, Exception]] = []
@@ -73,6 +84,7 @@ class Engine:
             "dtype": str(self.dtype).removeprefix("torch."), "num_kv_blocks": self.num_blocks,
             "block_size": self.settings.block_size, "max_model_len": self.max_model_len,
             "vocab_size": self.vocab_size, "eos_token_ids": list(self.eos_token_ids), "notes": list(self.notes),
+            "linear_kernel": self.linear_plan.describe(), "num_threads": torch.get_num_threads(), **self.hardware,
         }
 
     def _max_model_len(self, settings: Settings) -> int:

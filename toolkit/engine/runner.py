@@ -2,8 +2,8 @@
 
 All scheduled tokens are concatenated into input_ids [1, T] with their own positions (no padding). The registered
 `toolkit_paged` attention writes K/V into the paged cache and attends per sequence over its blocks; logits are
-computed only for the last token of each sequence that samples. While our forward runs, nn.Linear goes through
-`toolkit.cpu_linear` (faster float32 GEMM kernels on CPU).
+computed only for the last token of each sequence that samples. The model is switched to that attention once, when
+the runner is built: called without a `toolkit_batch` (model.generate), it falls back to SDPA.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from toolkit.engine.sampling import Sampler
 from toolkit.engine.step_metrics import PhaseTimes
 from toolkit.layers.attention import ATTN_IMPLEMENTATION, DecodeGroup, PagedBatch, PrefillSpan
 from toolkit.layers.kv_cache import PagedKVCache, as_dtype, kv_geometry
-from toolkit.layers.linear import cpu_linear_kernels
 
 if TYPE_CHECKING:
     from toolkit.engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -42,6 +41,7 @@ class ModelRunner:
         self, model: Any, *, num_blocks: int, block_size: int, device: torch.device | str = "cpu",
         dtype: torch.dtype | str = torch.float32,
     ) -> None:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model
         self.device = torch.device(device)
         self.dtype = as_dtype(dtype)
@@ -77,18 +77,11 @@ class ModelRunner:
         self.sampler.release(request_id)
 
     def forward(self, step: StepInputs) -> torch.Tensor:
-        """The model forward with our attention swapped in; returns float32 logits [N, V] (argmax on bf16 is slow)."""
-        config = self.model.config
-        previous = config._attn_implementation
-        config._attn_implementation = ATTN_IMPLEMENTATION
-        try:
-            with cpu_linear_kernels():
-                output = self.model(
-                    input_ids=step.input_ids, position_ids=step.position_ids, logits_to_keep=step.logits_index,
-                    use_cache=False, toolkit_batch=step.batch,
-                )
-        finally:
-            config._attn_implementation = previous
+        """The model forward over the paged batch; returns float32 logits [N, V] (argmax on bf16 is slow)."""
+        output = self.model(
+            input_ids=step.input_ids, position_ids=step.position_ids, logits_to_keep=step.logits_index,
+            use_cache=False, toolkit_batch=step.batch,
+        )
         return output.logits[0].float()
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:

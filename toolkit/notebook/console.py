@@ -1,8 +1,9 @@
 """PromptConsole: submit prompts from ipywidgets and watch every answer stream into its own pane.
 
-One consumer thread owns every stream and makes every widget change that follows a click: click handlers and
-the worker's I/O thread only put events on its queue. So no update races another, and none lands in the
-wrong cell (ipykernel 7 routes thread output by parent). The thread exits when nothing is outstanding.
+Requests go through the pipeline's callback API (`TokenGeneratorPipeline.submit`). One consumer thread makes every
+widget change: click handlers and the callbacks (on the worker's I/O thread) only put events on its queue. So no
+update races another, and none lands in the wrong cell (ipykernel 7 routes thread output by parent). The thread
+exits when nothing is outstanding.
 """
 
 from __future__ import annotations
@@ -12,15 +13,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ipywidgets as widgets
 
-from toolkit.errors import ToolkitError
-from toolkit.pipeline import Completion, RequestStream, TokenGeneratorPipeline
+from toolkit.errors import InvalidRequestError, ToolkitError
+from toolkit.pipeline import Completion, RequestHandle, StreamChunk, TokenGeneratorPipeline
 from toolkit.pipeline.generate import Prompt
-from toolkit.worker.client import Sink
 
 from .kernel import adopt_parent, current_parent
 
@@ -43,26 +43,19 @@ class _Cancel:
 
 
 @dataclass(slots=True)
-class _Item:
-    request_id: str
-    item: object
+class _Chunk:
+    chunk: StreamChunk
+
+
+@dataclass(slots=True)
+class _Done:
+    completion: Completion
+    error: Exception | None
 
 
 @dataclass(slots=True)
 class _Close:
     pass
-
-
-class _EventSink(Sink):
-    """Puts one request's responses on the console's single queue, tagged with the request id."""
-
-    def __init__(self, request_id: str, post: Callable[[object], None]) -> None:
-        super().__init__()
-        self.request_id = request_id
-        self.post = post
-
-    def put(self, item: object) -> None:
-        self.post(_Item(self.request_id, item))
 
 
 # ---- one request's pane ---------------------------------------------------------------------------------
@@ -80,39 +73,51 @@ def timing_line(c: Completion) -> str:
 
 @dataclass(slots=True)
 class RequestPane:
-    """A request's pane: title and Cancel, the text streamed so far, and a timing line when it ends."""
+    """A request's pane: title and Cancel, the text streamed so far, and a timing line when it ends.
 
-    stream: RequestStream
+    `handle` is None for a request the worker refused (dead, stopped, full): its pane shows only the error.
+    """
+
+    request_id: str
+    handle: RequestHandle | None
     box: widgets.VBox
     text: widgets.HTML
     timing: widgets.HTML
     cancel: widgets.Button
+    shown: str = ""  # the text of every chunk so far
+    token_ids: list[int] = field(default_factory=list)
     dirty: bool = False
+    done: bool = False
     error: str | None = None
 
     @classmethod
-    def create(cls, stream: RequestStream, title: str, on_cancel: Callable[[str], None]) -> RequestPane:
+    def create(
+        cls, request_id: str, handle: RequestHandle | None, title: str, on_cancel: Callable[[str], None]
+    ) -> RequestPane:
         text = widgets.HTML(_pre(""))
         text.add_class("tk-pane-text")
         timing = widgets.HTML("<i>streaming…</i>")
         timing.add_class("tk-pane-timing")
         cancel = widgets.Button(description="Cancel", button_style="warning", layout=widgets.Layout(width="6em"))
-        cancel.on_click(lambda _: on_cancel(stream.request_id))
+        cancel.on_click(lambda _: on_cancel(request_id))
         header = widgets.HBox([widgets.HTML(f"<b>{html.escape(title)}</b>"), cancel])
         box = widgets.VBox([header, text, timing], layout=widgets.Layout(border="1px solid #ddd", padding="4px"))
         box.add_class("tk-pane")
-        return cls(stream, box, text, timing, cancel)
+        return cls(request_id, handle, box, text, timing, cancel)
 
-    @property
-    def request_id(self) -> str:
-        return self.stream.request_id
+    def add(self, chunk: StreamChunk) -> None:
+        self.shown += chunk.text
+        self.token_ids.extend(chunk.token_ids)
+        self.dirty = True
 
     def flush(self) -> None:
         if self.dirty:
-            self.text.value = _pre(self.stream.text)
+            self.text.value = _pre(self.shown)
             self.dirty = False
 
     def finish(self, completion: Completion) -> None:
+        self.done = True
+        self.shown = completion.text  # the same text, now also when the request ended without a last chunk
         self.dirty = True
         self.flush()
         self.timing.value = f"failed: {html.escape(self.error)}" if self.error else timing_line(completion)
@@ -263,31 +268,37 @@ class PromptConsole:
                 pane = self.panes.get(event.request_id)
                 if pane is not None:
                     self._cancel_pane(pane)
-            elif isinstance(event, _Item):
-                self._on_item(event)
+            elif isinstance(event, _Chunk):
+                pane = self.panes.get(event.chunk.request_id)
+                if pane is not None and not pane.done:
+                    pane.add(event.chunk)
+            elif isinstance(event, _Done):
+                self._on_done(event)
         except Exception as exc:  # the console must outlive any one bad event
             self._set_status(f"error: {type(exc).__name__}: {exc}")
 
     def _start(self, event: _Submit) -> None:
         status = f"submitted {event.n} request{'s' if event.n > 1 else ''}"
         for i in range(event.n):
-            try:
-                request, stops = self.pipeline.build_request(event.prompt, **event.params)
-            except Exception as exc:  # InvalidRequestError mostly; nothing was sent
-                status = f"not sent: {type(exc).__name__}: {exc}"
-                self._done(event.n - i)
-                break
-            sink = _EventSink(request.request_id, self._post)
             self._count += 1
-            pane = RequestPane.create(RequestStream(self.pipeline, request, stops, sink), self._title(event),
-                                      self.cancel)
-            self.panes[pane.request_id] = pane
             try:
-                self.pipeline.worker.submit(request, sink)
-            except ToolkitError as exc:  # the worker is dead, stopped or full: this pane ends at once
+                handle = self.pipeline.submit(
+                    event.prompt, on_chunk=lambda c: self._post(_Chunk(c)),
+                    on_done=lambda c, e: self._post(_Done(c, e)), **event.params,
+                )
+            except Exception as exc:
+                if isinstance(exc, InvalidRequestError) or not isinstance(exc, ToolkitError):  # nothing was sent
+                    status = f"not sent: {type(exc).__name__}: {exc}"
+                    self._done(event.n - i)
+                    break
+                # the worker is dead, stopped or full: this pane ends at once
+                pane = RequestPane.create(f"not-sent-{self._count}", None, self._title(event), self.cancel)
+                self.panes[pane.request_id] = pane
                 pane.error = f"{type(exc).__name__}: {exc}"
-                pane.stream.done = True
-                self._finish(pane)
+                self._finish(pane, Completion(pane.request_id, "", [], None, 0))
+                continue
+            pane = RequestPane.create(handle.request_id, handle, self._title(event), self.cancel)
+            self.panes[pane.request_id] = pane
         self._show_panes()
         self._set_status(status)
 
@@ -296,20 +307,15 @@ class PromptConsole:
         short = text if len(text) <= 60 else text[:57] + "…"
         return f"#{self._count} {short!r}"
 
-    def _on_item(self, event: _Item) -> None:
-        pane = self.panes.get(event.request_id)
-        if pane is None or pane.stream.done:
-            return  # a late message for a request that already ended here (stop string, cancel)
-        try:
-            pane.stream.on_item(event.item)
-        except Exception as exc:  # WorkerCrashedError and friends end this request only
-            pane.error = f"{type(exc).__name__}: {exc}"
-        pane.dirty = True
-        if pane.stream.done:
-            self._finish(pane)
+    def _on_done(self, event: _Done) -> None:
+        pane = self.panes.get(event.completion.request_id)
+        if pane is None or pane.done:
+            return
+        if event.error is not None:  # WorkerCrashedError and friends end this request only
+            pane.error = f"{type(event.error).__name__}: {event.error}"
+        self._finish(pane, event.completion)
 
-    def _finish(self, pane: RequestPane) -> None:
-        completion = pane.stream.completion()
+    def _finish(self, pane: RequestPane, completion: Completion) -> None:
         self.results[pane.request_id] = completion
         pane.finish(completion)
         self._done(1)
@@ -320,9 +326,12 @@ class PromptConsole:
             self._idle.notify_all()
 
     def _cancel_pane(self, pane: RequestPane) -> None:
-        if not pane.stream.done:
-            pane.stream.close()
-            self._finish(pane)
+        """End the pane now (the _Done that cancel() also posts then finds it done)."""
+        handle = pane.handle
+        if not pane.done and handle is not None:
+            handle.cancel()
+            assert handle.completion is not None
+            self._on_done(_Done(handle.completion, handle.error))
 
     def _close_all(self) -> None:
         for pane in self.panes.values():
@@ -331,7 +340,7 @@ class PromptConsole:
     def _show_panes(self) -> None:
         """Newest last; once over max_panes, the oldest finished panes are dropped from view."""
         shown = list(self.panes.values())
-        while len(shown) > self.max_panes and shown[0].stream.done:
+        while len(shown) > self.max_panes and shown[0].done:
             old = shown.pop(0)
             del self.panes[old.request_id]
             old.close()

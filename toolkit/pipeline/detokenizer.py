@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 REPLACEMENT = "\ufffd"
 
 
+PROMPT_CONTEXT = 5  # prompt tokens the window starts with (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET)
+
+
 class IncrementalDetokenizer:
     """Decodes a growing id list a window at a time (vLLM's prefix/read offsets), holding back text that ends
-    in an incomplete character until the next token completes it."""
+    in an incomplete character until the next token completes it.
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+    The window starts on the last prompt tokens, as in vLLM: SentencePiece tokenizers drop the leading space of
+    the first token they decode, so without that context the first output word would lose its space.
+    """
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True, prompt_token_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.token_ids: list[int] = []
+        self.token_ids: list[int] = list(prompt_token_ids[max(len(prompt_token_ids) - PROMPT_CONTEXT, 0) :])
         self.prefix_offset = 0
-        self.read_offset = 0
+        self.read_offset = len(self.token_ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

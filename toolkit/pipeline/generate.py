@@ -1,24 +1,28 @@
 """TokenGeneratorPipeline: the main-process side of a generation request.
 
 Validate and tokenize (so bad input fails here, before anything is sent), submit to the worker, stream back,
-detokenize, cut at stop strings. Closing a stream, dropping it, or Ctrl-C cancels the request in the worker.
+detokenize, cut at stop strings. Closing a stream, dropping it, Ctrl-C or a passed `timeout_s` cancels the request
+in the worker. Four ways to consume one: `generate` / `agenerate` (the whole completion), `stream` / `astream`
+(chunks), and `submit` (callbacks, for UIs).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import os
 import queue
+import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal, overload
 
 from tqdm.auto import tqdm
 
-from toolkit.errors import InvalidRequestError, RemoteError, ToolkitError
+from toolkit.errors import InvalidRequestError, RemoteError, RequestTimeoutError, ToolkitError
 from toolkit.pipeline.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from toolkit.pipeline.inputs import check_encodable, check_messages, check_stop, is_int, is_real, kind
 from toolkit.pipeline.outputs import Completion, StreamChunk
@@ -28,7 +32,10 @@ from toolkit.worker import messages as m
 from toolkit.worker.client import ModelWorker, Sink
 
 Prompt = str | Sequence[dict[str, str]] | Sequence[int]
+ChunkCallback = Callable[[StreamChunk], None]
+DoneCallback = Callable[[Completion, Exception | None], None]
 _ids = itertools.count()
+log = logging.getLogger(__name__)
 
 
 def new_request_id() -> str:
@@ -58,14 +65,17 @@ class TokenGeneratorPipeline:
 
     # ---- building a request -------------------------------------------------------------------
 
-    def tokenize(self, prompt: Prompt) -> list[int]:
-        """Raw text as is, chat messages through the chat template, token ids checked against the vocabulary."""
+    def tokenize(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
+        """Raw text as `tokenizer(prompt)` encodes it (BOS where the model expects one, unless add_special_tokens is
+        False), chat messages through the chat template, token ids checked against the vocabulary."""
         info = self.worker.info
+        if not isinstance(add_special_tokens, bool):
+            raise InvalidRequestError(f"add_special_tokens must be a bool, not {add_special_tokens!r}")
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InvalidRequestError("prompt is empty or only whitespace")
             check_encodable(prompt)
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            ids = list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(x, dict) for x in prompt):
             check_messages(prompt)
             ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
@@ -96,6 +106,7 @@ class TokenGeneratorPipeline:
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool = False,
         stop_token_ids: Sequence[int] = (),
+        add_special_tokens: bool = True,
     ) -> tuple[m.GenerateRequest, list[str]]:
         """Validate every parameter, tokenize, and return the request plus its stop strings."""
         info = self.worker.info
@@ -116,7 +127,7 @@ class TokenGeneratorPipeline:
         stops = check_stop(stop)
         if not all(is_int(t) and 0 <= t < info.vocab_size for t in stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be token ids in [0, {info.vocab_size})")
-        ids = self.tokenize(prompt)
+        ids = self.tokenize(prompt, add_special_tokens)
         sampling = m.SamplingParams(float(temperature), float(top_p), int(top_k), None if seed is None else int(seed))
         request = m.GenerateRequest(
             request_id=new_request_id(),
@@ -131,20 +142,34 @@ class TokenGeneratorPipeline:
 
     # ---- running it ---------------------------------------------------------------------------
 
-    def stream(self, prompt: Prompt, **params: Any) -> RequestStream:
-        """Submit now; iterate for StreamChunks. close() (or dropping the stream) cancels the request."""
-        return self._submit(*self.build_request(prompt, **params))
+    def stream(self, prompt: Prompt, *, timeout_s: float | None = None, **params: Any) -> RequestStream:
+        """Submit now; iterate for StreamChunks. close() (or dropping the stream) cancels the request.
 
-    def _submit(self, request: m.GenerateRequest, stops: list[str]) -> RequestStream:
+        timeout_s: seconds from now until iterating raises RequestTimeoutError (the request is cancelled then).
+        """
+        check_timeout(timeout_s)
+        return self._submit(*self.build_request(prompt, **params), timeout_s)
+
+    def _submit(self, request: m.GenerateRequest, stops: list[str], timeout_s: float | None = None) -> RequestStream:
         request.arrival_time = time.time()  # the request arrives now, however long ago it was built
-        stream = RequestStream(self, request, stops, Sink())
+        stream = RequestStream(self, request, stops, Sink(), timeout_s)
         self.worker.submit(request, stream.sink)
         return stream
 
-    def generate(self, prompt: Prompt, **params: Any) -> Completion:
-        """Blocking: the whole completion. Ctrl-C cancels the request in the worker and re-raises."""
-        with self.stream(prompt, **params) as stream:
+    def generate(self, prompt: Prompt, *, timeout_s: float | None = None, **params: Any) -> Completion:
+        """Blocking: the whole completion. Ctrl-C, or timeout_s passing (RequestTimeoutError), cancels it."""
+        with self.stream(prompt, timeout_s=timeout_s, **params) as stream:
             return stream.result()
+
+    async def agenerate(self, prompt: Prompt, *, timeout_s: float | None = None, **params: Any) -> Completion:
+        """The async twin of generate, on the caller's running loop; cancelling the task cancels the request."""
+        stream = self._astart(prompt, timeout_s, params)
+        try:
+            async for _ in self._achunks(stream):
+                pass
+        finally:
+            stream.close()
+        return stream.completion()
 
     @overload
     def generate_batch(
@@ -208,18 +233,58 @@ class TokenGeneratorPipeline:
                     stream.close()
         return results  # type: ignore[return-value]  # every slot is filled once the loop ends
 
-    async def astream(self, prompt: Prompt, **params: Any) -> AsyncIterator[StreamChunk]:
+    async def astream(
+        self, prompt: Prompt, *, timeout_s: float | None = None, **params: Any
+    ) -> AsyncIterator[StreamChunk]:
         """Async streaming on the caller's running loop (Jupyter's included); cancelling the task cancels."""
-        request, stops = self.build_request(prompt, **params)
-        stream = RequestStream(self, request, stops, Sink(asyncio.get_running_loop()))
-        self.worker.submit(request, stream.sink)
+        stream = self._astart(prompt, timeout_s, params)
         try:
-            while not stream.done:
-                chunk = stream.on_item(await stream.sink.items.get())
-                if chunk is not None:
-                    yield chunk
+            async for chunk in self._achunks(stream):
+                yield chunk
         finally:
             stream.close()
+
+    def submit(
+        self, prompt: Prompt, *, on_chunk: ChunkCallback | None = None, on_done: DoneCallback | None = None,
+        **params: Any,
+    ) -> RequestHandle:
+        """Submit now and return at once; callbacks report the request's progress (for UIs).
+
+        on_chunk(chunk) for every StreamChunk (chunk.request_id says which request); on_done(completion, error)
+        exactly once at the end: error is None when it finished or was cancelled, else the typed error (the
+        completion then holds the text so far, finish_reason "error"). Callbacks run on the worker handle's I/O
+        thread, or on the thread that calls cancel(): keep them short, e.g. put the chunk on your own queue.
+        """
+        request, stops = self.build_request(prompt, **params)
+        handle = RequestHandle(self, request, stops, on_chunk, on_done)
+        self.worker.submit(request, handle.stream.sink)
+        return handle
+
+    def _astart(self, prompt: Prompt, timeout_s: float | None, params: dict[str, Any]) -> RequestStream:
+        check_timeout(timeout_s)
+        request, stops = self.build_request(prompt, **params)
+        stream = RequestStream(self, request, stops, Sink(asyncio.get_running_loop()), timeout_s)
+        self.worker.submit(request, stream.sink)
+        return stream
+
+    @staticmethod
+    async def _achunks(stream: RequestStream) -> AsyncIterator[StreamChunk]:
+        while not stream.done:
+            remaining = None if stream.deadline is None else stream.deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise stream.timed_out()
+            try:
+                item = await asyncio.wait_for(stream.sink.items.get(), remaining)
+            except asyncio.TimeoutError:
+                raise stream.timed_out() from None
+            chunk = stream.on_item(item)
+            if chunk is not None:
+                yield chunk
+
+
+def check_timeout(timeout_s: float | None) -> None:
+    if timeout_s is not None and (not is_real(timeout_s) or not math.isfinite(timeout_s) or timeout_s <= 0):
+        raise InvalidRequestError(f"timeout_s must be None or a number of seconds > 0, not {timeout_s!r}")
 
 
 def _collect(entry: tuple[int, RequestStream], results: list[Any], return_exceptions: bool) -> None:
@@ -236,12 +301,17 @@ def _collect(entry: tuple[int, RequestStream], results: list[Any], return_except
 class RequestStream:
     """One request in flight: iterate for chunks, or call result(). Thread-safe to close from anywhere."""
 
-    def __init__(self, pipe: TokenGeneratorPipeline, request: m.GenerateRequest, stops: list[str], sink: Sink) -> None:
+    def __init__(
+        self, pipe: TokenGeneratorPipeline, request: m.GenerateRequest, stops: list[str], sink: Sink,
+        timeout_s: float | None = None,
+    ) -> None:
         self.pipe = pipe
         self.request = request
         self.request_id = request.request_id
         self.sink = sink
-        self.detok = IncrementalDetokenizer(pipe.tokenizer)
+        self.timeout_s = timeout_s
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.detok = IncrementalDetokenizer(pipe.tokenizer, prompt_token_ids=request.prompt_token_ids)
         self.stops = StopStringMatcher(stops) if stops else None
         self.text = ""
         self.token_ids: list[int] = []
@@ -277,7 +347,7 @@ class RequestStream:
             self.finished_at = self.sink.finished_at or time.time()  # a stop string ends it here, in this process
         self.text += piece
         self.chunks += 1
-        return StreamChunk(piece, list(item.token_ids), self.finish_reason)
+        return StreamChunk(piece, list(item.token_ids), self.finish_reason, self.request_id)
 
     def __iter__(self) -> Iterator[StreamChunk]:
         return self
@@ -285,8 +355,11 @@ class RequestStream:
     def __next__(self) -> StreamChunk:
         try:
             while not self.done:
+                wait = 0.5 if self.deadline is None else min(0.5, self.deadline - time.monotonic())
+                if wait <= 0:
+                    raise self.timed_out()
                 try:
-                    item = self.sink.items.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive
+                    item = self.sink.items.get(timeout=wait)  # a timeout keeps Ctrl-C responsive
                 except queue.Empty:
                     continue
                 chunk = self.on_item(item)
@@ -315,6 +388,14 @@ class RequestStream:
             chunks=self.chunks,
         )
 
+    def timed_out(self) -> RequestTimeoutError:
+        """Cancel the request (timeout_s has passed) and return the error to raise."""
+        self.close()
+        return RequestTimeoutError(
+            f"request {self.request_id} not finished within timeout_s={self.timeout_s}: cancelled "
+            f"after {len(self.token_ids)} tokens"
+        )
+
     def close(self) -> None:
         """Cancel in the worker if still running; the text so far stays readable."""
         if not self.done:
@@ -334,3 +415,100 @@ class RequestStream:
             self.close()
 
 
+class _CallbackSink(Sink):
+    """Hands each response straight to a RequestHandle, on the thread that delivers it."""
+
+    def __init__(self, deliver: Callable[[object], None]) -> None:
+        super().__init__()
+        self.deliver = deliver
+
+    def put(self, item: object) -> None:
+        self.deliver(item)
+
+
+class RequestHandle:
+    """A request submitted with callbacks (TokenGeneratorPipeline.submit): cancel() it, wait() for it.
+
+    The callbacks run under the handle's lock, so on_done comes once, after every on_chunk, even when cancel()
+    races the worker's last delta.
+    """
+
+    def __init__(
+        self, pipe: TokenGeneratorPipeline, request: m.GenerateRequest, stops: list[str],
+        on_chunk: ChunkCallback | None, on_done: DoneCallback | None,
+    ) -> None:
+        self.stream = RequestStream(pipe, request, stops, _CallbackSink(self._deliver))
+        self.on_chunk = on_chunk
+        self.on_done = on_done
+        self.error: Exception | None = None
+        self._completion: Completion | None = None
+        self._lock = threading.RLock()  # re-entrant: a callback may call cancel()
+        self._ended = threading.Event()
+
+    @property
+    def request_id(self) -> str:
+        return self.stream.request_id
+
+    @property
+    def done(self) -> bool:
+        return self._ended.is_set()
+
+    @property
+    def text(self) -> str:
+        """The text so far (after a stop string: up to it)."""
+        return self.stream.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.stream.token_ids
+
+    @property
+    def completion(self) -> Completion | None:
+        """The final Completion once the request has ended (also after an error: see `error`); None before."""
+        return self._completion
+
+    def cancel(self) -> None:
+        """Stop the request in the worker; on_done(completion with finish_reason "cancelled", None) runs now."""
+        with self._lock:
+            if not self._ended.is_set():
+                self.stream.close()
+                self._finish(None)
+
+    def wait(self, timeout_s: float | None = None) -> Completion:
+        """Block until the request has ended; its Completion, or its error raised. RequestTimeoutError on timeout
+        (the request goes on: cancel() it if it should not)."""
+        if not self._ended.wait(timeout_s):
+            raise RequestTimeoutError(f"request {self.request_id} not finished within {timeout_s} s")
+        if self.error is not None:
+            raise self.error
+        assert self._completion is not None
+        return self._completion
+
+    def _deliver(self, item: object) -> None:
+        with self._lock:
+            if self._ended.is_set():
+                return  # a late delta after a cancel, a stop string or a failure
+            try:
+                chunk = self.stream.on_item(item)
+            except Exception as exc:  # the request failed: its typed error goes to on_done
+                self._finish(exc)
+                return
+            if chunk is not None and self.on_chunk is not None:
+                self._call(self.on_chunk, chunk)
+            if self.stream.done:
+                self._finish(None)
+
+    def _finish(self, error: Exception | None) -> None:
+        completion = self.stream.completion()
+        if error is not None:
+            completion.finish_reason = "error"
+        self.error, self._completion = error, completion
+        self._ended.set()
+        if self.on_done is not None:
+            self._call(self.on_done, completion, error)
+
+    def _call(self, callback: Callable[..., None], *args: object) -> None:
+        try:
+            callback(*args)
+        except Exception:  # a broken UI callback must not take down the I/O thread every request depends on
+            log.exception("callback %r of request %s raised", callback, self.request_id)

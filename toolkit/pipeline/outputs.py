@@ -12,6 +12,7 @@ class StreamChunk:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    request_id: str = ""  # which request: one callback can serve many (TokenGeneratorPipeline.submit)
 
 
 @dataclass(slots=True)

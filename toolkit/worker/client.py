@@ -97,12 +97,14 @@ class _Connection:
 
     def __init__(self, settings: Settings, log_dir: str, metrics: MetricsLog, on_hang: Callable[[], None]) -> None:
         self.ipc_dir = tempfile.mkdtemp(prefix="tk-")  # mode 0700: only this user reaches the sockets
-        self.settings = settings.replace(ipc_dir=self.ipc_dir, log_dir=log_dir)
+        self.settings = settings.replace(log_dir=log_dir)
         self.metrics = metrics
         self.on_hang = on_hang
         self.queue = EngineQueue.parent(self.ipc_dir)
         ctx = mp.get_context("spawn")
-        self.process = ctx.Process(target=worker_process.run, args=(self.settings,), name="toolkit-worker", daemon=True)
+        self.process = ctx.Process(
+            target=worker_process.run, args=(self.settings, self.ipc_dir), name="toolkit-worker", daemon=True
+        )
         self.pending: dict[str, _Pending] = {}
         self.lock = threading.RLock()  # re-entrant: a dropped stream's __del__ may cancel from inside a locked section
         self.state = WorkerState.STARTING
@@ -415,6 +417,7 @@ class ModelWorker:
             "busy": beat.busy if beat else None,
             "kv_blocks_used": beat.kv_blocks_used if beat else None,  # as of the last heartbeat
             "restarts": self.restarts,
+            "warnings": list(conn.ready.warnings) if conn and conn.ready else [],  # e.g. a dtype slow on this CPU
         }
 
     def logs(self, tail: int | None = None) -> str:

@@ -67,6 +67,10 @@ class Ready(msgspec.Struct, tag=True):
     load_time_s: float
     tokenizer_dir: str = ""  # where the worker saved its tokenizer, so the parent uses the very same one
     notes: list[str] = []  # what the worker changed at load and why, e.g. max_model_len clamped to a sliding window
+    linear_kernel: str = ""  # the CPU linear kernel per row range with its probe times, or "torch (why not probed)"
+    num_threads: int = 0  # torch threads in the worker
+    cpu_capability: str = ""  # torch.backends.cpu.get_cpu_capability(): "AVX512", "AVX2", ...
+    warnings: list[str] = []  # e.g. a dtype this CPU has no native arithmetic for
 
 
 class StartupFailed(msgspec.Struct, tag=True):

@@ -1,11 +1,12 @@
 """The worker process: load the model, say Ready, then serve requests step by step until told to stop.
 
-This module is the spawn target, so it stays importable without side effects; only `run(settings)` does work.
+The spawn target: importable without side effects; only `run(settings, ipc_dir)` does work.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing.util
 import os
 import shutil
 import signal
@@ -28,15 +29,14 @@ log = logging.getLogger("toolkit.worker")
 IDLE_POLL_S = 0.5  # how often an idle worker wakes: parent check and heartbeat, ~0 % CPU
 
 
-def run(settings: Settings) -> None:
-    """Spawn entry point: everything the worker needs is in `settings` (ipc_dir set by the parent)."""
-    assert settings.ipc_dir, "start_model_worker sets ipc_dir"
+def run(settings: Settings, ipc_dir: str) -> None:
+    """Spawn entry point: what to serve is in `settings`; `ipc_dir` is the parent's private dir of the sockets."""
     parent_pid = os.getppid()
     _install_signal_handlers()
-    _log_to_file(settings)
-    queue = EngineQueue.worker(settings.ipc_dir)
+    _log_to_file(settings, ipc_dir)
+    queue = EngineQueue.worker(ipc_dir)
     try:
-        engine, ready = _load(settings)
+        engine, ready = _load(settings, ipc_dir)
     except BaseException as exc:  # report any load failure, then exit non-zero
         log.exception("model load failed")
         queue.send_response(m.StartupFailed(type(exc).__name__, str(exc), traceback.format_exc()))
@@ -50,20 +50,31 @@ def run(settings: Settings) -> None:
     finally:
         queue.close(linger_ms=0 if loop.orphaned else None)
     if loop.orphaned:  # nobody is left to remove our sockets and saved tokenizer: the dir was made for us alone
-        shutil.rmtree(settings.ipc_dir, ignore_errors=True)
+        shutil.rmtree(ipc_dir, ignore_errors=True)
     log.info("worker stopped")
     _exit(0)
 
 
 def _exit(code: int) -> None:
-    """Skip interpreter teardown: seconds with torch loaded, and nothing is left to free once the logs are flushed."""
+    """Skip interpreter teardown (seconds with torch loaded), but not multiprocessing's exit finalizers.
+
+    In a spawned child the default context is spawn, so a multiprocessing lock made here (tqdm makes one for its
+    first progress bar, e.g. transformers' "Loading weights") is a named semaphore registered with the parent's
+    resource tracker; without its finalizer it stays registered, and the tracker prints "leaked semaphore objects".
+    `_exit_function` is what a normal exit runs for multiprocessing (private, but unchanged since Python 2.6).
+    """
+    multiprocessing.util._exit_function()
     logging.shutdown()
     os._exit(code)
 
 
-def _load(settings: Settings) -> tuple[EngineProtocol, m.Ready]:
+def _load(settings: Settings, ipc_dir: str) -> tuple[EngineProtocol, m.Ready]:
+    import torch
+
     from toolkit import models
 
+    if settings.num_threads:  # the worker's process is ours to configure; an in-process Engine leaves threads alone
+        torch.set_num_threads(settings.num_threads)
     started = time.perf_counter()
     if models.resolve(settings.model).task == "embed":
         from toolkit.embeddings.engine import EmbeddingsEngine
@@ -74,7 +85,7 @@ def _load(settings: Settings) -> tuple[EngineProtocol, m.Ready]:
         from toolkit.engine.core import Engine
 
         generator = Engine(settings)
-        tokenizer_dir = str(Path(settings.ipc_dir or ".", "tokenizer"))
+        tokenizer_dir = str(Path(ipc_dir, "tokenizer"))
         generator.tokenizer.save_pretrained(tokenizer_dir)
         engine = generator
     info = engine.ready_info()
@@ -196,9 +207,9 @@ def _install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _log_to_file(settings: Settings) -> None:
+def _log_to_file(settings: Settings, ipc_dir: str) -> None:
     """Worker output goes to a file, not into whichever notebook cell is running (ipykernel captures fds 1, 2)."""
-    log_dir = Path(settings.log_dir or settings.ipc_dir or ".")
+    log_dir = Path(settings.log_dir or ipc_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / "worker.log"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
