@@ -164,7 +164,7 @@ class EmbeddingsEngine:
             job = self.scheduler.cancel(rid)
             if job is not None:
                 self._forget(rid)
-                self._finished.append(_request_metrics(job, "error"))
+                self._finished.append(_request_metrics(job, "error", self._probe.pid))
                 ended.append(rid)
         return ended
 

@@ -418,12 +418,12 @@ class RequestStream:
 class _CallbackSink(Sink):
     """Hands each response straight to a RequestHandle, on the thread that delivers it."""
 
-    def __init__(self, deliver: Callable[[object], None]) -> None:
+    def __init__(self, handler: Callable[[object], None]) -> None:
         super().__init__()
-        self.deliver = deliver
+        self.handler = handler
 
     def put(self, item: object) -> None:
-        self.deliver(item)
+        self.handler(item)
 
 
 class RequestHandle:

@@ -108,7 +108,7 @@ class WorkerLoop:
         self.stopping = False
         self.orphaned = False  # the parent died: exit at once, deliver nothing
         self.pending_steps: list[m.StepMetrics] = []
-        self.last_metrics = 0.0
+        self.last_metrics = time.time()  # Ready was the first word: the first interval starts now
         self.heartbeat = StepHeartbeat(queue, settings.metrics_interval_s)
 
     def run(self) -> None:
