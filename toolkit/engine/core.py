@@ -51,7 +51,8 @@ class Engine:
             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
         )
         self.runner = ModelRunner(
-            model, num_blocks=self.num_blocks, block_size=settings.block_size, device=self.device, dtype=self.dtype
+            model, num_blocks=self.num_blocks, block_size=settings.block_size, device=self.device, dtype=self.dtype,
+            eos_token_ids=self.eos_token_ids,
         )
         self.start_time = time.time()
         self.peak_batch_size = 0
@@ -120,9 +121,11 @@ class Engine:
         finished = self.scheduler.update(out, sampled)
         for seq in finished:
             self._retire(seq)
+        logprobs = self.runner.last_logprobs
         deltas = [
-            TokenDelta(s.seq.request_id, [sampled[s.seq.request_id]], s.seq.finish_reason)
-            for s in out.scheduled if s.seq.request_id in sampled
+            TokenDelta(s.seq.request_id, [sampled[rid]], s.seq.finish_reason,
+                       [logprobs[rid]] if rid in logprobs else None)
+            for s in out.scheduled if (rid := s.seq.request_id) in sampled
         ]
         self.peak_batch_size = max(self.peak_batch_size, len(out.scheduled))
         return deltas, self._step_metrics(out, len(sampled), forward_ms, (time.perf_counter() - started) * 1000)
