@@ -53,18 +53,21 @@ class RemoteServer:
             cmd += ["--api-key", api_key]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + startup_s
+        self.startup_s = startup_s
+
+    def wait_ready(self) -> RemoteServer:
+        deadline = time.monotonic() + self.startup_s
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
+                    return self
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"server not healthy after {startup_s} s:\n{self.output()}")
+                raise RuntimeError(f"server not healthy after {self.startup_s} s:\n{self.output()}")
             time.sleep(0.2)
 
     def output(self) -> str:
@@ -104,18 +107,28 @@ class RemoteServer:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RemoteServer]:
-    s = RemoteServer()
-    yield s
-    s.stop()
+def servers() -> Iterator[dict[str, RemoteServer]]:
+    """Both servers start at once (their start-up is mostly imports and model loading, on two cores)."""
+    started = {
+        "plain": RemoteServer(),
+        # an API key, a queue of two and no restart: for 401, 429 and the 503 after a crash
+        "guarded": RemoteServer("--max-queue-size", "2", "--no-restart-on-crash", api_key=KEY),
+    }
+    try:
+        yield started
+    finally:
+        for s in started.values():
+            s.stop()
 
 
 @pytest.fixture(scope="module")
-def guarded() -> Iterator[RemoteServer]:
-    """An API key, a queue of two and no restart: for 401, 429 and the 503 after a crash."""
-    s = RemoteServer("--max-queue-size", "2", "--no-restart-on-crash", api_key=KEY)
-    yield s
-    s.stop()
+def server(servers: dict[str, RemoteServer]) -> RemoteServer:
+    return servers["plain"].wait_ready()
+
+
+@pytest.fixture(scope="module")
+def guarded(servers: dict[str, RemoteServer]) -> RemoteServer:
+    return servers["guarded"].wait_ready()
 
 
 @pytest.fixture(scope="module")
@@ -426,12 +439,21 @@ def test_a_full_queue_answers_429_with_retry_after(guarded: RemoteServer) -> Non
 # ---- in the caller's process: serve_in_background and the in-process engine ------------------------------------
 
 
-def test_serve_in_background_from_a_running_event_loop(tiny_worker: Any) -> None:
+@pytest.fixture(scope="module")
+def inprocess() -> Iterator[Any]:
+    from toolkit.api.inprocess import InProcessWorker
+    from toolkit.settings import Settings
+
+    with InProcessWorker(Settings(model=TINY, device="cpu", dtype="float32", num_threads=1)).start() as worker:
+        yield worker
+
+
+def test_serve_in_background_from_a_running_event_loop(inprocess: Any) -> None:
     """As from a notebook cell: the kernel's loop is running; uvicorn gets its own thread and loop."""
     from toolkit.api import serve_in_background
 
     async def cell() -> tuple[Any, str]:
-        server = serve_in_background(tiny_worker, port=0)
+        server = serve_in_background(inprocess, port=0)
         c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=30)
         out = await c.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         await c.close()
@@ -449,19 +471,16 @@ def test_serve_in_background_from_a_running_event_loop(tiny_worker: Any) -> None
     assert not [t.name for t in threading.enumerate() if t.name.startswith("toolkit-api-")]
 
 
-def test_inprocess_engine_behind_the_same_interface() -> None:
+def test_inprocess_engine_behind_the_same_interface(inprocess: Any) -> None:
     from toolkit.api import serve_in_background
-    from toolkit.api.inprocess import InProcessWorker
-    from toolkit.settings import Settings
 
-    settings = Settings(model=TINY, device="cpu", dtype="float32", num_threads=1)
-    with InProcessWorker(settings).start() as worker, serve_in_background(worker) as server:
+    with serve_in_background(inprocess) as server:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=30)
         out = c.completions.create(model=TINY, prompt=[3, 4, 5], max_tokens=4, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 4
         streamed = list(c.completions.create(model=TINY, prompt=[3, 4, 5], max_tokens=4, stream=True, **GREEDY))
-        assert "".join(ch.choices[0].text for ch in streamed) == c.completions.create(
-            model=TINY, prompt=[3, 4, 5], max_tokens=4, **GREEDY).choices[0].text
+        whole = c.completions.create(model=TINY, prompt=[3, 4, 5], max_tokens=4, **GREEDY).choices[0].text
+        assert "".join(ch.choices[0].text for ch in streamed) == whole
         assert httpx.get(server.url + "/health", timeout=5).json()["pid"] == os.getpid()
 
 
