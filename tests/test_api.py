@@ -522,3 +522,57 @@ def test_sigterm_shuts_the_workers_down(server: RemoteServer) -> None:
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(30) == 0
     assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+
+
+# ---- the embedded models (slow) -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol() -> Iterator[tuple[Any, Any, Any]]:
+    """SmolLM2 and MiniLM workers in this process, served together: HTTP answers are compared with the pipelines."""
+    from toolkit import Settings, start_model_worker
+    from toolkit.api import serve_in_background
+
+    base = {"device": "cpu", "dtype": "float32", "startup_timeout_s": 600.0}
+    with start_model_worker(Settings(model=models.DEFAULT_MODEL, **base)) as worker, \
+            start_model_worker(Settings(model=models.EMBED_MODEL, **base)) as embedder, \
+            serve_in_background(worker, embeddings_worker=embedder) as server:
+        yield worker, embedder, server
+
+
+@pytest.mark.slow
+def test_smollm2_chat_over_http_equals_the_pipeline(smol: tuple[Any, Any, Any]) -> None:
+    from toolkit import TokenGeneratorPipeline
+
+    worker, _, server = smol
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    want = TokenGeneratorPipeline(worker).generate(messages, max_new_tokens=32, temperature=0.0)
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=120)
+    got = c.chat.completions.create(model=models.DEFAULT_MODEL, messages=messages, max_tokens=32, temperature=0)
+    assert got.choices[0].message.content == want.text
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (want.prompt_tokens, len(want.token_ids))
+    assert got.choices[0].finish_reason == want.finish_reason
+
+
+@pytest.mark.slow
+def test_embeddings_over_http_equal_the_pipeline(smol: tuple[Any, Any, Any]) -> None:
+    import numpy as np
+
+    from toolkit import EmbeddingsPipeline
+
+    _, embedder, server = smol
+    texts = ["The cat sat on the mat.", "Serving engines batch requests."]
+    want = EmbeddingsPipeline(embedder).embed(texts)
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=120)
+    as_base64 = c.embeddings.create(model=models.EMBED_MODEL, input=texts)  # the client asks for base64
+    as_floats = c.embeddings.create(model=models.EMBED_MODEL, input=texts, encoding_format="float")
+    for out in (as_base64, as_floats):
+        np.testing.assert_allclose(np.array([d.embedding for d in out.data]), want, atol=1e-6)
+    assert as_floats.usage.prompt_tokens == as_floats.usage.total_tokens > len(texts)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(models.resolve(models.EMBED_MODEL).source)(texts[0])["input_ids"]
+    by_ids = c.embeddings.create(model=models.EMBED_MODEL, input=ids, encoding_format="float")
+    np.testing.assert_allclose(by_ids.data[0].embedding, want[0], atol=1e-6)
+    with pytest.raises(openai.BadRequestError):
+        c.embeddings.create(model=models.DEFAULT_MODEL, input="chat model, not an embedder")
