@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import importlib.metadata
 import logging
@@ -139,6 +140,15 @@ class ServerState:
         # are not safe to share between threads
         self.collector = WorkerCollector([(worker, self.model_name)] + (
             [(embeddings_worker, self.embeddings_name)] if embeddings_worker is not None else []))
+        with contextlib.suppress(WorkerNotRunningError):
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Load the tokenizer and compile the chat template now, not on the event loop's first request (seconds:
+        the probe's worst case would be the first request's import of transformers)."""
+        self.pipe.tokenize("warm up")
+        with contextlib.suppress(Exception):  # a tokenizer without a chat template fails later, with a 400
+            self.pipe.tokenize([{"role": "user", "content": "warm up"}])
 
     @property
     def pipe(self) -> TokenGeneratorPipeline:

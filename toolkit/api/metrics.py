@@ -83,6 +83,8 @@ def _add_worker(out: _Families, worker: Any, model_name: str) -> None:
                     {**labels, "finished_reason": str(reason)}, float(counts.get(reason, 0)))
     out.histogram("toolkit:batch_size", "sequences per scheduler step", labels,
                   steps.batch_size.to_numpy(dtype=float) if len(steps) else [], BATCH_BUCKETS)
+    out.histogram("toolkit:step_duration_seconds", "wall time of one scheduler step in the worker", labels,
+                  steps.step_ms.to_numpy(dtype=float) / 1000 if len(steps) else [], LATENCY_BUCKETS)
     for column, name, doc in (
         ("ttft_s", "toolkit:time_to_first_token_seconds", "time to first token, from arrival"),
         ("itl_mean_s", "toolkit:inter_token_latency_seconds", "mean inter-token latency of each request"),
