@@ -17,6 +17,7 @@ from toolkit.errors import (
     InvalidRequestError,
     QueueFullError,
     RemoteError,
+    ToolkitError,
     WorkerCrashedError,
     WorkerHungError,
     WorkerNotRunningError,
@@ -95,6 +96,10 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(ToolkitError)  # here, not only under Exception: those are re-raised to the server's log
+    async def _toolkit(_: Request, exc: ToolkitError) -> JSONResponse:
+        return as_api_error(exc).response()
 
     @app.exception_handler(Exception)
     async def _other(_: Request, exc: Exception) -> JSONResponse:
