@@ -136,8 +136,8 @@ class ServerState:
         self.embeddings_name = embeddings_worker.settings.model if embeddings_worker is not None else None
         self._pipe: TokenGeneratorPipeline | None = None
         self._token_text: dict[int, str] = {}
-        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="toolkit-api-tokenize")  # one: HF tokenizers
-        # are not safe to share between threads
+        # one thread: large prompts queue behind each other instead of crowding the loop's CPU
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="toolkit-api-tokenize")
         self.collector = WorkerCollector([(worker, self.model_name)] + (
             [(embeddings_worker, self.embeddings_name)] if embeddings_worker is not None else []))
         with contextlib.suppress(WorkerNotRunningError):
