@@ -2,13 +2,15 @@
 client, so the HTTP layer's cost shows beside `toolkit`.
 
 The worker is spawned as for `toolkit`; the API server runs on its own thread (`serve_in_background`) in the
-benchmark's process, beside the client's event loop, as a notebook user would run it. Token counts per chunk come
-from vLLM's `continuous_usage_stats` (a running usage on every chunk), so counts are exact, not guessed from text.
+benchmark's process, as a notebook user would run it; the client runs in a spawned process of its own, as real
+clients do, so its JSON parsing does not share the server's GIL. Token counts per chunk come from vLLM's
+`continuous_usage_stats` (a running usage on every chunk), so counts are exact, not guessed from text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing as mp
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -58,6 +60,37 @@ class HttpStreamer:
         return asyncio.run(driven())
 
 
+def _client(send: Any, base_url: str, model: str, requests: Sequence[BenchRequest], max_concurrency: int | None,
+            desc: str, progress: bool) -> None:
+    """The client process: drive the requests, send back (records, start time); perf_counter is system-wide."""
+    try:
+        result: Any = HttpStreamer(base_url, model).drive(requests, max_concurrency, desc, progress)
+    except BaseException as exc:
+        result = RuntimeError(f"toolkit-http client: {type(exc).__name__}: {exc}")
+    send.send(result)
+    send.close()
+
+
+def drive_in_child(base_url: str, model: str, requests: Sequence[BenchRequest], max_concurrency: int | None,
+                   desc: str, progress: bool = True) -> tuple[list[RequestRecord], float]:
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_client, args=(send, base_url, model, list(requests), max_concurrency, desc, progress),
+                        name="bench-http-client")
+    child.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:
+        raise RuntimeError(f"the toolkit-http client died (exit code {child.exitcode})") from None
+    finally:
+        receive.close()
+        child.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 def run_toolkit_http(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
     from toolkit.api import serve_in_background
     from toolkit.worker.client import start_model_worker
@@ -66,12 +99,12 @@ def run_toolkit_http(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> Syst
     loading = time.perf_counter()
     with start_model_worker(toolkit_settings(cfg)) as worker, serve_in_background(worker) as server:
         run.load_s = time.perf_counter() - loading
-        streamer = HttpStreamer(server.url + "/v1", cfg.model)
-        streamer.drive(warmup_requests(requests, cfg.warmup), None, run.name, progress=False)
+        url = server.url + "/v1"
+        drive_in_child(url, cfg.model, warmup_requests(requests, cfg.warmup), None, run.name, progress=False)
         settle_metrics(worker)
         worker.metrics.reset()
         with RssSampler(worker.pid) as rss:
-            run.records, run.started_at = streamer.drive(requests, cfg.max_concurrency, run.name)
+            run.records, run.started_at = drive_in_child(url, cfg.model, requests, cfg.max_concurrency, run.name)
         settle_metrics(worker)
         steps = worker.metrics.steps()
         run.batch_sizes = steps.batch_size.astype(int).tolist()
