@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -180,15 +181,15 @@ def plot(path: Path, results: list[dict[str, Any]], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4))
-    for r in results:
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for r in sorted(results, key=lambda r: r["engine"] == "worker"):  # the worker drawn last, on top
         t = [s[0] for s in r["timeline"]]
         lat = [s[2] for s in r["timeline"]]
         ax.plot(t, lat, lw=0.8, label=f"{r['engine']} (p99 {r['p99_ms']:.1f} ms)")
     ax.set_yscale("log")
     ax.set_xlabel("seconds under load")
     ax.set_ylabel("probe latency (ms)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 120), fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
