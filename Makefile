@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser demo test lint unit notebooks notebooks-refresh bench soak clean
+.PHONY: install browser demo serve test lint unit notebooks notebooks-refresh bench soak clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ browser:
 
 demo: install
 	$(BIN)/python -m toolkit demo
+
+# The OpenAI-compatible API on the embedded model: http://127.0.0.1:8000/v1 (Ctrl-C stops it and its worker)
+serve: install
+	$(BIN)/python -m toolkit serve --model smollm2-135m-instruct
 
 test: install browser lint unit notebooks
 

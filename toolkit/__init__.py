@@ -35,3 +35,12 @@ __all__ = [
     "errors",
     "start_model_worker",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """`toolkit.api` on first use, so `import toolkit` does not import the web stack."""
+    if name == "api":
+        import importlib
+
+        return importlib.import_module("toolkit.api")
+    raise AttributeError(f"module 'toolkit' has no attribute {name!r}")

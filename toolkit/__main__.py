@@ -1,4 +1,4 @@
-"""Command line: `python -m toolkit demo | bench`."""
+"""Command line: `python -m toolkit demo | serve | bench`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--model", default=Settings().model)
     p_demo.add_argument("--max-new-tokens", type=int, default=64)
     p_demo.set_defaults(func=demo)
+    from toolkit.api.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     sub.add_parser("bench", help="benchmark the toolkit beside transformers (see `bench --help`)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:

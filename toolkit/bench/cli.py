@@ -22,7 +22,8 @@ from .workloads import BenchRequest, build_workload, parse_range
 def parser() -> argparse.ArgumentParser:
     """The flags of BenchConfig, with its defaults."""
     d = BenchConfig()
-    p = argparse.ArgumentParser(prog="python -m toolkit bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m toolkit bench", description=__doc__,
+                                epilog="bench --responsiveness --help: the API latency while the engine is busy")
     p.add_argument("--systems", default=",".join(d.systems), help=f"comma-separated, from {', '.join(SYSTEMS)}")
     p.add_argument("--workload", choices=("random", "chat"), default=d.workload)
     p.add_argument("--num-requests", type=int, default=d.num_requests)
@@ -161,7 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m toolkit bench`: 0 when every system ran and produced exactly the requested tokens."""
     import sys
 
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--responsiveness" in argv:  # the API's probe-latency benchmark has its own flags
+        from .responsiveness import main as responsiveness
+
+        return responsiveness([a for a in argv if a != "--responsiveness"])
+    cfg = parse_config(argv)
     data = run_bench(cfg)
     ok = all(s["error"] is None and s["exact_token_counts"] for s in data["systems"].values())
     return 0 if ok else 1

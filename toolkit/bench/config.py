@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-SYSTEMS = ("toolkit", "toolkit-inprocess", "hf-sequential", "hf-static", "hf-cb")
+SYSTEMS = ("toolkit", "toolkit-inprocess", "toolkit-http", "hf-sequential", "hf-static", "hf-cb")
 
 
 @dataclass(slots=True)

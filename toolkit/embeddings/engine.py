@@ -21,7 +21,7 @@ from toolkit import models
 from toolkit.embeddings.scheduler import EmbeddingsScheduler, EmbedItem, EmbedJob
 from toolkit.engine.hardware import hardware_info
 from toolkit.engine.step_metrics import PhaseTimes, StepProbe
-from toolkit.errors import ModelNotFoundError
+from toolkit.errors import InvalidRequestError, ModelNotFoundError
 from toolkit.settings import Settings
 from toolkit.worker.messages import EmbedRequest, EmbedResult, RequestMetrics, StepMetrics, TokenDelta
 
@@ -130,7 +130,14 @@ class EmbeddingsEngine:
     def add(self, request: EmbedRequest) -> None:
         """Tokenize now (truncated like ST) so the scheduler can budget by real lengths."""
         texts, limit = list(request.texts), self.recipe.max_seq_length
-        ids = self.tokenizer(texts, truncation=True, max_length=limit)["input_ids"] if texts else []
+        if request.token_ids:
+            ids = [list(x) for x in request.token_ids]
+            vocab = int(self.model.config.vocab_size)
+            bad = [x for x in ids if not x or len(x) > limit or not all(0 <= t < vocab for t in x)]
+            if bad:
+                raise InvalidRequestError(f"token id inputs must be 1..{limit} ids each in [0, {vocab})")
+        else:
+            ids = self.tokenizer(texts, truncation=True, max_length=limit)["input_ids"] if texts else []
         self._token_ids[request.request_id] = ids
         self._vectors[request.request_id] = [None] * len(ids)
         self.scheduler.add(request.request_id, [len(x) for x in ids], request.arrival_time or time.time())
@@ -227,7 +234,8 @@ class EmbeddingsEngine:
         matrix = np.stack(rows) if rows else np.zeros((0, self.embedding_dim), dtype=np.float32)
         self._forget(job.request_id)
         self._finished.append(_request_metrics(job, "stop", self._probe.pid))
-        return EmbedResult(job.request_id, np.ascontiguousarray(matrix, np.float32).tobytes(), matrix.shape)
+        vectors = np.ascontiguousarray(matrix, np.float32).tobytes()
+        return EmbedResult(job.request_id, vectors, matrix.shape, num_tokens=sum(job.lengths))
 
     def _forget(self, request_id: str) -> None:
         self._token_ids.pop(request_id, None)

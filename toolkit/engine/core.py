@@ -24,7 +24,7 @@ from toolkit.layers.kv_cache import num_blocks_for_budget
 from toolkit.layers.linear import choose_linear_kernels
 from toolkit.settings import Settings
 from toolkit.validation import check_token_ids
-from toolkit.worker.messages import GenerateRequest, RequestMetrics, StepMetrics, TokenDelta
+from toolkit.worker.messages import GenerateRequest, RequestMetrics, StepMetrics, TokenDelta, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class Engine:
             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
         )
         self.runner = ModelRunner(
-            model, num_blocks=self.num_blocks, block_size=settings.block_size, device=self.device, dtype=self.dtype
+            model, num_blocks=self.num_blocks, block_size=settings.block_size, device=self.device, dtype=self.dtype,
+            eos_token_ids=self.eos_token_ids,
         )
         self.linear_plan = choose_linear_kernels(model)
         self.hardware = hardware_info(self.device, self.dtype)
@@ -176,9 +177,11 @@ class Engine:
         for seq in finished:
             self._retire(seq)
         update_ms = probe.lap()
+        logprobs = self.runner.last_logprobs
         deltas = [
-            TokenDelta(s.seq.request_id, [sampled[s.seq.request_id]], s.seq.finish_reason)
-            for s in out.scheduled if s.seq.request_id in sampled
+            TokenDelta(s.seq.request_id, [sampled[rid]], s.seq.finish_reason,
+                       [logprobs[rid]] if rid in logprobs else None)
+            for s in out.scheduled if (rid := s.seq.request_id) in sampled
         ]
         deltas += [TokenDelta(rid, [], "error") for rid in failed]
         self.peak_batch_size = max(self.peak_batch_size, len(out.scheduled))
@@ -209,12 +212,15 @@ class Engine:
                         type(exc).__name__, exc)
         sampled: dict[str, int] = {}
         failed: dict[str, Exception] = {}
+        logprobs: dict[str, TokenLogprob] = {}
         for s in out.scheduled:
             try:
                 sampled.update(self.runner.execute(_alone(s)))
+                logprobs.update(self.runner.last_logprobs)
             except Exception as exc:
                 log.exception("step of %s alone failed", s)
                 failed[s.seq.request_id] = exc
+        self.runner.last_logprobs = logprobs  # the whole step's, as one execute() would have left them
         return sampled, failed
 
     def generate(self, requests: Iterable[GenerateRequest]) -> dict[str, list[int]]:

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from toolkit.engine.sampling import Sampler
+from toolkit.engine.sampling import Sampler, suppress, token_logprobs
 from toolkit.engine.step_metrics import PhaseTimes
 from toolkit.layers.attention import ATTN_IMPLEMENTATION, DecodeGroup, PagedBatch, PrefillSpan
 from toolkit.layers.kv_cache import PagedKVCache, as_dtype, kv_geometry
+from toolkit.worker.messages import TokenLogprob
 
 if TYPE_CHECKING:
+    from toolkit.engine.request import Sequence
     from toolkit.engine.scheduler import ScheduledSequence, SchedulerOutput
 
 
@@ -39,10 +41,11 @@ class ModelRunner:
 
     def __init__(
         self, model: Any, *, num_blocks: int, block_size: int, device: torch.device | str = "cpu",
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str = torch.float32, eos_token_ids: list[int] | tuple[int, ...] = (),
     ) -> None:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.model = model
+        self.eos_token_ids = list(eos_token_ids)  # masked while a request is short of its min_tokens
         self.device = torch.device(device)
         self.dtype = as_dtype(dtype)
         self.block_size = block_size
@@ -50,6 +53,7 @@ class ModelRunner:
         self.cache = PagedKVCache.allocate(layers, num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
         self.sampler = Sampler(self.device)
         self.timings = PhaseTimes()  # of the last execute(): the engine copies them into its StepMetrics
+        self.last_logprobs: dict[str, TokenLogprob] = {}  # of the last execute(), for requests that asked
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
@@ -68,9 +72,22 @@ class ModelRunner:
         if not step.sampling:
             return {}
         ids = [s.seq.request_id for s in step.sampling]
-        tokens = self.sampler.sample(logits, ids, [s.seq.request.sampling for s in step.sampling])
+        params = [s.seq.request.sampling for s in step.sampling]
+        wants_logprobs = any(p.logprobs is not None for p in params)
+        raw = logits.clone() if wants_logprobs else logits
+        suppress(logits, [(i, self._min_tokens_mask(s.seq)) for i, s in enumerate(step.sampling)
+                          if s.seq.num_output_tokens < s.seq.request.min_tokens])
+        tokens = self.sampler.sample(logits, ids, params)
+        self.last_logprobs = {}
+        if wants_logprobs:
+            for rid, lp in zip(ids, token_logprobs(raw, tokens, params), strict=True):
+                if lp is not None:
+                    self.last_logprobs[rid] = lp
         timings.sample_ms = (time.perf_counter() - forwarded) * 1000
         return dict(zip(ids, tokens, strict=True))
+
+    def _min_tokens_mask(self, seq: Sequence) -> list[int]:
+        return [*([] if seq.request.ignore_eos else self.eos_token_ids), *seq.request.stop_token_ids]
 
     def release(self, request_id: str) -> None:
         """A request finished: drop its sampling state (its blocks belong to the BlockManager)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from toolkit.worker.messages import SamplingParams
+from toolkit.worker.messages import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 
 def is_greedy(params: SamplingParams) -> bool:
@@ -52,6 +52,30 @@ class Sampler:
                 generator.manual_seed(seed)
             self.generators[request_id] = generator
         return generator
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]) -> list[TokenLogprob | None]:
+    """For the rows whose request asked: the chosen token's logprob and the top-k, from the raw logits (vLLM's
+    default "raw_logprobs": before temperature, top-k/top-p and min_tokens masking). None for the other rows."""
+    out: list[TokenLogprob | None] = [None] * len(tokens)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return out
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+    k = min(max(params[i].logprobs or 0 for i in rows), MAX_LOGPROBS, logprobs.shape[-1])
+    top_values, top_ids = torch.topk(logprobs, k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    chosen = logprobs.gather(1, torch.tensor([tokens[i] for i in rows], device=logprobs.device)[:, None])[:, 0]
+    for j, i in enumerate(rows):
+        n = min(params[i].logprobs or 0, k)
+        out[i] = TokenLogprob(float(chosen[j]), top_ids[j, :n].tolist(), top_values[j, :n].tolist())
+    return out
+
+
+def suppress(logits: torch.Tensor, rows: list[tuple[int, list[int]]]) -> None:
+    """Set the given token ids of the given rows to -inf in place (min_tokens: no EOS or stop token yet)."""
+    for row, token_ids in rows:
+        if token_ids:
+            logits[row, token_ids] = float("-inf")
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

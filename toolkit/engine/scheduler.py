@@ -219,7 +219,8 @@ class TokenGenerationScheduler:
     def _finish_reason(self, seq: Sequence) -> str | None:
         """Why `seq` stops after its newest token, if it does; at `max_sequence_tokens` it could never grow."""
         token, req = seq.token_ids[-1], seq.request
-        if (token in self.eos_token_ids and not req.ignore_eos) or token in req.stop_token_ids:
+        may_stop = seq.num_output_tokens > req.min_tokens  # min_tokens: EOS and stop tokens do not count yet
+        if may_stop and ((token in self.eos_token_ids and not req.ignore_eos) or token in req.stop_token_ids):
             return "stop"
         too_long = seq.num_tokens >= max_sequence_tokens(self.max_model_len, self.blocks.capacity_tokens)
         return "length" if too_long or seq.num_output_tokens >= req.max_new_tokens else None

@@ -107,6 +107,8 @@ class TokenGeneratorPipeline:
         ignore_eos: bool = False,
         stop_token_ids: Sequence[int] = (),
         add_special_tokens: bool = True,
+        min_tokens: int = 0,
+        logprobs: int | None = None,
     ) -> tuple[m.GenerateRequest, list[str]]:
         """Validate every parameter, tokenize, and return the request plus its stop strings."""
         info = self.worker.info
@@ -124,11 +126,18 @@ class TokenGeneratorPipeline:
             raise InvalidRequestError(f"seed must be None or an int in [0, 2**63), not {seed!r}")
         if not isinstance(ignore_eos, bool):
             raise InvalidRequestError(f"ignore_eos must be a bool, not {ignore_eos!r}")
+        if not is_int(min_tokens) or not 0 <= min_tokens <= max_new_tokens:
+            raise InvalidRequestError(f"min_tokens must be an int in [0, max_new_tokens], not {min_tokens!r}")
+        if logprobs is not None and (not is_int(logprobs) or not 0 <= logprobs <= m.MAX_LOGPROBS):
+            raise InvalidRequestError(f"logprobs must be None or an int in [0, {m.MAX_LOGPROBS}], not {logprobs!r}")
         stops = check_stop(stop)
         if not all(is_int(t) and 0 <= t < info.vocab_size for t in stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be token ids in [0, {info.vocab_size})")
         ids = self.tokenize(prompt, add_special_tokens)
-        sampling = m.SamplingParams(float(temperature), float(top_p), int(top_k), None if seed is None else int(seed))
+        sampling = m.SamplingParams(
+            float(temperature), float(top_p), int(top_k), None if seed is None else int(seed),
+            None if logprobs is None else int(logprobs),
+        )
         request = m.GenerateRequest(
             request_id=new_request_id(),
             prompt_token_ids=ids,
@@ -137,6 +146,7 @@ class TokenGeneratorPipeline:
             stop_token_ids=[int(t) for t in stop_token_ids],
             ignore_eos=ignore_eos,
             arrival_time=time.time(),
+            min_tokens=int(min_tokens),
         )
         return request, stops
 
@@ -315,6 +325,7 @@ class RequestStream:
         self.stops = StopStringMatcher(stops) if stops else None
         self.text = ""
         self.token_ids: list[int] = []
+        self.logprobs: list[m.TokenLogprob] | None = [] if request.sampling.logprobs is not None else None
         self.finish_reason: str | None = None
         self.done = False
         self.first_token_at: float | None = None
@@ -334,6 +345,8 @@ class RequestStream:
             self.first_token_at = self.sink.first_at or time.time()
         final = item.finish_reason is not None
         self.token_ids.extend(item.token_ids)
+        if self.logprobs is not None and item.logprobs:
+            self.logprobs.extend(item.logprobs)
         piece = self.detok.add(item.token_ids) + (self.detok.flush() if final else "")
         if self.stops is not None:
             piece = self.stops.feed(piece, final)
@@ -347,7 +360,7 @@ class RequestStream:
             self.finished_at = self.sink.finished_at or time.time()  # a stop string ends it here, in this process
         self.text += piece
         self.chunks += 1
-        return StreamChunk(piece, list(item.token_ids), self.finish_reason, self.request_id)
+        return StreamChunk(piece, list(item.token_ids), self.finish_reason, self.request_id, item.logprobs)
 
     def __iter__(self) -> Iterator[StreamChunk]:
         return self
@@ -386,6 +399,7 @@ class RequestStream:
             ttft_s=None if self.first_token_at is None else self.first_token_at - arrival,
             e2e_s=(self.finished_at or time.time()) - arrival,
             chunks=self.chunks,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
         )
 
     def timed_out(self) -> RequestTimeoutError:

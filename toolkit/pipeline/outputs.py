@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from toolkit.worker.messages import TokenLogprob
+
 
 @dataclass(slots=True)
 class StreamChunk:
@@ -13,6 +15,7 @@ class StreamChunk:
     token_ids: list[int]
     finish_reason: str | None = None
     request_id: str = ""  # which request: one callback can serve many (TokenGeneratorPipeline.submit)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for logprobs
 
 
 @dataclass(slots=True)
@@ -27,6 +30,7 @@ class Completion:
     ttft_s: float | None = None
     e2e_s: float = 0.0
     chunks: int = field(default=0, repr=False)
+    logprobs: list[TokenLogprob] | None = field(default=None, repr=False)  # one per token id, when asked
 
     @property
     def tokens_per_s(self) -> float:

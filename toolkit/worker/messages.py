@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
+
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     """How to pick the next token. temperature 0 means greedy; top_k 0 means off."""
@@ -12,6 +14,7 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    logprobs: int | None = None  # return each token's logprob and this many top alternatives; None: no logprobs
 
 
 # ---- parent -> worker: requests -------------------------------------------------------------
@@ -27,6 +30,7 @@ class GenerateRequest(msgspec.Struct, tag=True, omit_defaults=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     arrival_time: float = 0.0  # time.time() in the parent when submitted
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the request before this many output tokens
 
 
 class EmbedRequest(msgspec.Struct, tag=True):
@@ -35,6 +39,7 @@ class EmbedRequest(msgspec.Struct, tag=True):
     request_id: str
     texts: list[str]
     arrival_time: float = 0.0
+    token_ids: list[list[int]] = []  # inputs already tokenized (used instead of texts when given)
 
 
 # ---- parent -> worker: control --------------------------------------------------------------
@@ -79,12 +84,21 @@ class StartupFailed(msgspec.Struct, tag=True):
     traceback: str
 
 
+class TokenLogprob(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One sampled token's log-probability (of the raw model distribution) and the top alternatives, best first."""
+
+    logprob: float
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
 class TokenDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     """New tokens of one request from one step; finish_reason set on its last delta."""
 
     request_id: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" ("error" ends go out as RequestFailed)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, only for requests that asked
 
 
 class RequestFailed(msgspec.Struct, tag=True):
@@ -107,6 +121,7 @@ class EmbedResult(msgspec.Struct, tag=True):
     request_id: str
     vectors: bytes  # float32, row-major
     shape: tuple[int, int]
+    num_tokens: int = 0  # input tokens embedded, for the API's usage
 
 
 class StepMetrics(msgspec.Struct, array_like=True):
