@@ -1,5 +1,7 @@
 """Run a language model in a background worker process and drive it live from Jupyter."""
 
+from typing import Any
+
 from toolkit import errors
 from toolkit.errors import (
     InvalidRequestError,
@@ -30,8 +32,20 @@ __all__ = [
     "ToolkitError",
     "WorkerCrashedError",
     "WorkerHungError",
+    "WorkerPool",
     "WorkerStartupError",
     "WorkerState",
     "errors",
     "start_model_worker",
+    "start_worker_pool",
 ]
+
+_POOL = ("WorkerPool", "start_worker_pool")  # need Ray: imported on first use, so `import toolkit` stays light
+
+
+def __getattr__(name: str) -> Any:
+    if name in _POOL:
+        from toolkit.pool import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'toolkit' has no attribute {name!r}")
