@@ -368,10 +368,16 @@ class _Fleet:
         self.tokenizer_dir: str | None = None
         self.holds_ray = False
         self.closed = False
+        self.timings: dict[str, float] = {}  # start-up seconds: ray_connect_s, replicas_ready_s
+        self.submits = 0
+        self.route_s = 0.0  # hashing the prefix and choosing: the router's own cost
+        self.submit_s = 0.0  # all of submit(), the Ray call included
 
     def start(self, ray_address: str | None, placement: Callable[[], tuple[Settings, dict[str, Any]]]) -> None:
         """Connect to Ray, place and start every replica, wait for all; on any failure, undo everything."""
+        started = time.perf_counter()
         self.holds_ray = _acquire_ray(ray_address)
+        self.timings["ray_connect_s"] = time.perf_counter() - started
         try:
             self.replica_settings, self.options = placement()
             self._check_resources()
@@ -379,6 +385,7 @@ class _Fleet:
             deadline = time.monotonic() + self.settings.startup_timeout_s
             for replica in self.replicas:  # all load at once; errors reported in replica order
                 replica.finish_start(deadline)
+            self.timings["replicas_ready_s"] = time.perf_counter() - started - self.timings["ray_connect_s"]
             first = self.replicas[0]
             assert first.ready is not None
             tokenizer_dir = ""
@@ -419,9 +426,18 @@ class _Fleet:
     # ---- requests -----------------------------------------------------------------------------
 
     def submit(self, request: m.GenerateRequest | m.EmbedRequest, sink: Sink) -> None:
+        started = time.perf_counter()
+        try:
+            self._submit(request, sink)
+        finally:
+            self.submit_s += time.perf_counter() - started
+            self.submits += 1
+
+    def _submit(self, request: m.GenerateRequest | m.EmbedRequest, sink: Sink) -> None:
         payload = _encoder.encode(request)
         router = self.router
         assert router is not None
+        started = time.perf_counter()
         hashes = router.prefix_hashes(request.prompt_token_ids) if isinstance(request, m.GenerateRequest) else []
         with self.lock:
             if self.closed:
@@ -436,12 +452,16 @@ class _Fleet:
                 if sum(live) >= self.settings.max_queue_size:
                     raise QueueFullError(f"{sum(live)} requests outstanding in the pool (max_queue_size)")
                 index = router.choose(hashes, outstanding)
+                router.record(hashes, index)
+                routed = time.perf_counter()
                 try:
                     self.replicas[index].submit(request, sink, payload)
                 except (WorkerCrashedError, WorkerNotRunningError, WorkerHungError):
                     refused.add(index)  # it died between the look and the submit: try another
                     continue
-                router.record(hashes, index)
+                finally:
+                    self.route_s += routed - started
+                    started = time.perf_counter()
                 return
 
     def _unavailable(self) -> Exception:
@@ -622,6 +642,17 @@ class WorkerPool:
             return None
         serving = [r.pid for r in self._fleet.replicas if r.serving()]
         return serving[0] if serving else self.pids[0]
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Start-up seconds (ray_connect_s, replicas_ready_s) and the mean cost of one submit, in µs: route_us (hash
+        the prefix, pick a replica) and submit_us (all of it, the Ray call that hands the request over included)."""
+        fleet = self._fleet
+        if fleet is None:
+            return {}
+        n = max(fleet.submits, 1)
+        return {**fleet.timings, "submits": float(fleet.submits), "route_us": fleet.route_s / n * 1e6,
+                "submit_us": fleet.submit_s / n * 1e6}
 
     @property
     def router(self) -> PrefixRouter | None:

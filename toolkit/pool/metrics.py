@@ -27,8 +27,9 @@ class PoolMetrics(MetricsLog):
 
     @property
     def last_heartbeat(self) -> float | None:  # type: ignore[override]
-        beats = [log.last_heartbeat for log in self.logs if log.last_heartbeat is not None]
-        return max(beats) if beats else None
+        """The oldest replica's latest heartbeat: every replica's rows are complete up to this time."""
+        beats = [log.last_heartbeat for log in self.logs]
+        return None if None in beats else min(beats)  # type: ignore[type-var]
 
     def steps(self) -> pd.DataFrame:
         """One row per step of any replica, oldest first."""
