@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -89,6 +91,41 @@ def test_factory_that_raises_gives_startup_error_and_stops_the_ray_it_started() 
     assert err.value.error_type == "RuntimeError"
     assert not ray.is_initialized()
     wait_until(lambda: not ray_processes(), 30, "Ray's processes to exit")
+
+
+DRIVER = """
+import time
+from tests.conftest import tiny_settings
+from toolkit import start_worker_pool
+pool = start_worker_pool(tiny_settings(), replicas=1, num_cpus_per_replica=1)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def gone(proc: psutil.Process) -> bool:
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_ray_a_pool_started_goes_when_its_process_is_killed() -> None:
+    """SIGKILL leaves no atexit, no finalizer: only the reaper stops Ray's agents, which outlive the driver."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=root, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": root})
+    try:
+        assert driver.stdout is not None and driver.stdout.readline().strip() == "ready"
+        family = psutil.Process(driver.pid).children(recursive=True)
+        names = {p.name() for p in family}
+        assert {"gcs_server", "raylet"} <= names and any(" ".join(p.cmdline()).startswith("ray::") for p in family)
+    finally:
+        driver.kill()
+        driver.wait(10)
+    wait_until(lambda: all(gone(p) for p in family), 60, "every process the killed driver had started to exit")
 
 
 # ---- one pool of two ------------------------------------------------------------------------------

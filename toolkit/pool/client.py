@@ -9,7 +9,7 @@ finalizer can stop everything when the handle is dropped or the interpreter exit
 
 Ray: a pool joins the Ray instance this process is already connected to, or the cluster at `ray_address` (or
 RAY_ADDRESS); otherwise it starts a small private one (no dashboard, 128 MiB object store) and stops it when the
-last pool using it shuts down.
+last pool using it shuts down, or, through toolkit.pool.reaper, when this process dies without shutting down.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,6 +43,7 @@ from toolkit.errors import (
     WorkerNotRunningError,
     WorkerStartupError,
 )
+from toolkit.pool import reaper
 from toolkit.pool.metrics import PoolMetrics
 from toolkit.pool.replica import ReplicaActor
 from toolkit.pool.router import PrefixRouter
@@ -56,6 +58,7 @@ POLL_S = 0.1  # reader wake-up: bounds how late shutdown or a hang is noticed
 POLL_WAIT_S = 0.5  # how long one poll call waits inside the actor for output
 OBJECT_STORE_BYTES = 128 << 20  # the pool ships only small msgpack frames; Ray's default is 30 % of RAM
 RESOURCE_WAIT_S = 3.0  # Ray's view of free resources lags a just-finished shutdown by a moment
+NO_PRESTART = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}  # idle workers: ~100 MiB each
 _ActorUnavailable: Any = getattr(ray.exceptions, "ActorUnavailableError", ())  # transient (Ray >= 2.24)
 
 _encoder = msgspec.msgpack.Encoder()
@@ -67,11 +70,12 @@ _from_worker = msgspec.msgpack.Decoder(list[m.FromWorker])
 _ray_lock = threading.Lock()
 _ray_users = 0  # live pools on a Ray connection that a pool opened (ray.init) in this process
 _ray_ours = False  # whether the current connection was opened by a pool
+_reaper: subprocess.Popen[bytes] | None = None  # stops the pool-started Ray if this process dies unannounced
 
 
 def _acquire_ray(address: str | None) -> bool:
     """Connect this process to Ray if it is not already; True when the pool shares a pool-opened connection."""
-    global _ray_users, _ray_ours
+    global _ray_users, _ray_ours, _reaper
     with _ray_lock:
         if ray.is_initialized():
             if _ray_ours:
@@ -84,7 +88,11 @@ def _acquire_ray(address: str | None) -> bool:
                 ray.init(address=address, **common)
             else:
                 ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=OBJECT_STORE_BYTES,
-                         include_dashboard=False, _system_config={"enable_worker_prestart": False}, **common)
+                         include_dashboard=False, _system_config=NO_PRESTART, **common)
+                _reaper = subprocess.Popen(  # a file path, not -m: it imports only psutil, not toolkit
+                    [sys.executable, reaper.__file__, str(os.getpid())], start_new_session=True,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"join the Ray cluster at {address!r}" if address else "start a local Ray instance"
             raise WorkerStartupError(f"could not {where}: {exc}") from exc
@@ -94,12 +102,17 @@ def _acquire_ray(address: str | None) -> bool:
 
 def _release_ray() -> None:
     """One pool fewer on the pool-opened connection; the last one disconnects (and stops Ray if it started it)."""
-    global _ray_users, _ray_ours
+    global _ray_users, _ray_ours, _reaper
     with _ray_lock:
         _ray_users -= 1
         if _ray_users <= 0 and _ray_ours:
             _ray_ours, _ray_users = False, 0
             ray.shutdown()
+            if _reaper is not None:
+                _reaper.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    _reaper.wait(5)
+                _reaper = None
 
 
 def _code_paths() -> list[str]:
