@@ -14,6 +14,10 @@ On two machines (same Python environment and toolkit on both, ports open between
     # the notebook, on A (or any machine that joined)
     pool = start_worker_pool(settings, replicas=2, ray_address="auto", num_cpus_per_replica=8)
 
+Where Ray's token authentication is on (the default for every cluster from Ray 2.61; `ray start` clusters of 2.60
+have it off), B and the notebook need A's token: `ray get-auth-token` on A, then `export RAY_AUTH_TOKEN=<it>`
+before `ray start` on B and before starting the notebook.
+
 Each replica reserves num_cpus_per_replica CPUs (and one GPU when the settings ask for CUDA), so Ray places one
 replica per machine here. `ray stop` on each machine ends the cluster; the pool only kills its own actors.
 """
