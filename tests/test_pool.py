@@ -19,7 +19,10 @@ import pytest
 from tests.conftest import tiny_settings
 from toolkit import TokenGeneratorPipeline, WorkerCrashedError, WorkerStartupError
 from toolkit.errors import WorkerNotRunningError
+from toolkit.notebook import Dashboard
 from toolkit.pool import PrefixRouter
+from toolkit.pool.replica import _Channel, _ReplicaLoop
+from toolkit.worker import messages as m
 
 ray = pytest.importorskip("ray")
 
@@ -76,6 +79,31 @@ def test_router_sends_a_known_prefix_back_unless_that_replica_is_much_busier() -
     router.forget(2)
     assert router.choose(same_start, [5, 5, 0]) == 2  # forgotten: now only least outstanding picks it
     assert router.affinity_hits == 2 and router.affinity_overridden == 1
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.added: list[str] = []
+
+    def add(self, request: m.GenerateRequest) -> None:
+        self.added.append(request.request_id)
+
+    def cancel(self, request_ids: list[str]) -> list[m.TokenDelta]:
+        return [m.TokenDelta(rid, [], "cancelled") for rid in request_ids if rid in self.added]
+
+
+def test_a_cancel_that_overtakes_its_request_in_the_actor_still_cancels_it() -> None:
+    """Ray runs an async actor's calls out of order: the replica's loop must cope with Cancel before its request."""
+    channel, engine = _Channel(), FakeEngine()
+    loop = _ReplicaLoop(engine, channel, tiny_settings(), os.getpid())
+    loop.handle(m.Cancel(["early"]))
+    loop.handle(m.GenerateRequest("early", [1, 2], 4))
+    loop.handle(m.GenerateRequest("normal", [1, 2], 4))
+    loop.handle(m.Cancel(["normal"]))
+    assert engine.added == ["normal"]  # the overtaken request never reached the engine
+    deltas = [d for out in channel.take() for d in out.deltas]
+    assert [(d.request_id, d.finish_reason) for d in deltas] == [("early", "cancelled"), ("normal", "cancelled")]
+    assert not loop.tombstones
 
 
 # ---- a failed start -------------------------------------------------------------------------------
@@ -192,6 +220,14 @@ def test_requests_sharing_a_prefix_land_on_one_replica(pool: WorkerPool, pipe: T
     placed = replicas_that_served(pool, [s.request_id for s in streams])
     assert len(set(placed.values())) == 1, placed  # without affinity, turn-taking would alternate replicas
     assert pool.health()["router"]["affinity_hits"] - hits >= 4
+
+
+@pytest.mark.timeout(60)
+def test_dashboard_and_logs_work_on_a_pool(pool: WorkerPool) -> None:
+    figure = Dashboard(pool).snapshot()
+    assert figure.axes
+    assert f"replica 1 ready: Ready(pid={pool.pids[1]}" in pool.logs(1)
+    assert len(pool.logs(0, tail=1).splitlines()) == 1
 
 
 @pytest.mark.timeout(120)

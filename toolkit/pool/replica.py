@@ -2,7 +2,8 @@
 
 The actor loads the engine through the worker's own `_load`, then runs the worker's own `WorkerLoop` on a thread,
 fed by in-process queues instead of ZMQ sockets. Its async methods only move messages: `submit` and `cancel`
-put them in the loop's inbox, `poll` hands back whatever the loop produced (or waits a little for it). Messages
+put them in the loop's inbox, `poll` hands back whatever the loop produced (or waits a little for it). The parent
+stops a replica with `ray.kill`: the engine holds nothing that must outlive its process. Messages
 cross Ray as msgpack bytes of the structs in `toolkit.worker.messages`, so the parent routes them exactly as the
 single worker's I/O thread does.
 
@@ -193,18 +194,9 @@ class ReplicaActor:
                 except asyncio.TimeoutError:
                     pass
         if self.thread is not None and not self.thread.is_alive() and not self.channel.outbox:
-            raise RuntimeError(f"replica {self.index}: the step loop has stopped")
+            raise RuntimeError(f"replica {self.index}: the step loop has stopped")  # the parent fails its requests
         return _encoder.encode(self.channel.take())
-
-    async def stop(self, timeout_s: float) -> None:
-        """Stop the step loop (the process goes when the parent kills the actor)."""
-        self.channel.inbox.put(m.Shutdown())
-        if self.thread is not None:
-            await asyncio.to_thread(self.thread.join, timeout_s)
 
     async def logs(self, tail: int | None = None) -> str:
         lines = list(self.log_lines)
         return "\n".join(lines[-tail:] if tail else lines)
-
-    async def pid(self) -> int:
-        return os.getpid()
