@@ -33,7 +33,7 @@ from typing import Any
 import msgspec
 import psutil
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import GetTimeoutError, RayError
 
 from toolkit.errors import (
     InvalidRequestError,
@@ -59,7 +59,7 @@ POLL_WAIT_S = 0.5  # how long one poll call waits inside the actor for output
 OBJECT_STORE_BYTES = 128 << 20  # the pool ships only small msgpack frames; Ray's default is 30 % of RAM
 RESOURCE_WAIT_S = 3.0  # Ray's view of free resources lags a just-finished shutdown by a moment
 NO_PRESTART = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}  # idle workers: ~100 MiB each
-_ActorUnavailable: Any = getattr(ray.exceptions, "ActorUnavailableError", ())  # transient (Ray >= 2.24)
+_ActorUnavailable: Any = getattr(ray.exceptions, "ActorUnavailableError", ())  # transient; absent from older Ray
 
 _encoder = msgspec.msgpack.Encoder()
 _from_worker = msgspec.msgpack.Decoder(list[m.FromWorker])
@@ -89,6 +89,7 @@ def _acquire_ray(address: str | None) -> bool:
             else:
                 ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=OBJECT_STORE_BYTES,
                          include_dashboard=False, _system_config=NO_PRESTART, **common)
+                _stop_reaper()  # one left from a Ray that someone else shut down under our pools
                 _reaper = subprocess.Popen(  # a file path, not -m: it imports only psutil, not toolkit
                     [sys.executable, reaper.__file__, str(os.getpid())], start_new_session=True,
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -102,17 +103,22 @@ def _acquire_ray(address: str | None) -> bool:
 
 def _release_ray() -> None:
     """One pool fewer on the pool-opened connection; the last one disconnects (and stops Ray if it started it)."""
-    global _ray_users, _ray_ours, _reaper
+    global _ray_users, _ray_ours
     with _ray_lock:
         _ray_users -= 1
         if _ray_users <= 0 and _ray_ours:
             _ray_ours, _ray_users = False, 0
             ray.shutdown()
-            if _reaper is not None:
-                _reaper.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    _reaper.wait(5)
-                _reaper = None
+            _stop_reaper()
+
+
+def _stop_reaper() -> None:
+    global _reaper
+    if _reaper is not None:
+        _reaper.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            _reaper.wait(5)
+        _reaper = None
 
 
 def _code_paths() -> list[str]:
@@ -185,7 +191,7 @@ class _Replica:
             raise WorkerStartupError(
                 f"{where} not ready after startup_timeout_s={self.settings.startup_timeout_s}"
             ) from None
-        except RayActorError as exc:  # the process died, or the class failed to import or build there
+        except RayError as exc:  # the process died, the class failed to import there, its runtime env failed
             self.state = WorkerState.FAILED
             raise WorkerStartupError(f"{where} exited before it was ready: {_first_line(exc)}", str(exc)) from None
         if status == "failed":
