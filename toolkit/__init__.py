@@ -32,15 +32,14 @@ __all__ = [
     "ToolkitError",
     "WorkerCrashedError",
     "WorkerHungError",
-    "WorkerPool",
     "WorkerStartupError",
     "WorkerState",
     "errors",
     "start_model_worker",
-    "start_worker_pool",
 ]
 
-_POOL = ("WorkerPool", "start_worker_pool")  # need Ray: imported on first use, so `import toolkit` stays light
+# Worker pools need Ray: imported on first use, so `import toolkit` (and `from toolkit import *`) work without it.
+_POOL = ("WorkerPool", "start_worker_pool")
 
 
 def __getattr__(name: str) -> Any:
@@ -49,3 +48,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(client, name)
     raise AttributeError(f"module 'toolkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_POOL])
