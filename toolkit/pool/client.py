@@ -50,7 +50,7 @@ from toolkit.pool.router import PrefixRouter
 from toolkit.settings import Settings
 from toolkit.telemetry.metrics import MetricsLog
 from toolkit.worker import messages as m
-from toolkit.worker.client import Sink, WorkerState, _Pending
+from toolkit.worker.client import Sink, WorkerState, _beat_inside_a_step, _Pending
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +154,11 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 class _Replica:
     """One actor, its requests in flight and the reader thread that routes its output: the pool's `_Connection`."""
 
-    def __init__(self, index: int, settings: Settings, options: dict[str, Any], metrics: MetricsLog, clock0: float,
+    def __init__(self, index: int, settings: Settings, options: dict[str, Any], metrics: MetricsLog,
                  on_hang: Any) -> None:
         self.index = index
         self.settings = settings
         self.metrics = metrics
-        self.clock0 = clock0  # the pool's start: step times are moved onto this clock
         self.on_hang = on_hang
         self.actor = _actor_class().options(**options).remote(settings, index)
         self.start_ref = self.actor.start.remote()
@@ -169,10 +168,10 @@ class _Replica:
         self.ready: m.Ready | None = None
         self.tokenizer_files: dict[str, bytes] = {}
         self.node: str | None = None
-        self.shift = 0.0
         self.submitted = 0
         self.last_heard = time.monotonic()
         self.last_metrics: m.Metrics | None = None
+        self.step_clock: tuple[int, float] | None = None  # (step, monotonic start) of a step heard running now
         self.hung = False
         self.closing = False
         self.death: str | None = None  # why it died, for health() and errors
@@ -203,7 +202,6 @@ class _Replica:
         self.ready = msgspec.msgpack.decode(details["ready"], type=m.Ready)
         self.tokenizer_files = details["tokenizer_files"]
         self.node = details["node"]
-        self.shift = details["start_time"] - self.clock0
         self.last_heard = time.monotonic()
         self.state = WorkerState.READY
         self.thread.start()
@@ -233,7 +231,9 @@ class _Replica:
             state = "shutting down" if self.closing else self.state.value
             raise WorkerNotRunningError(f"replica {self.index} is {state}")
         if self.hung:
-            raise WorkerHungError(f"{where} is not responding (hang_timeout_s); call restart({self.index})")
+            raise WorkerHungError(
+                f"{where} is not responding (hang_timeout_s / step_timeout_s); call restart({self.index})"
+            )
 
     # ---- the reader thread --------------------------------------------------------------------
 
@@ -249,7 +249,9 @@ class _Replica:
                     payload = ray.get(done[0])
                     for message in _from_worker.decode(payload):
                         self.last_heard = time.monotonic()
-                        self.hung = False  # it speaks again: a slow step, not a dead loop
+                        if not _beat_inside_a_step(message):
+                            self.hung = False  # its loop moves again: a slow step, not a dead loop
+                            self.step_clock = None  # the loop sent it, so no step is running
                         try:
                             self._dispatch(message)
                         except Exception:  # one bad message must not stop the thread every request depends on
@@ -275,11 +277,11 @@ class _Replica:
                 self._route(failure.request_id, failure, final=True)
         elif isinstance(message, m.EmbedResult):
             self._route(message.request_id, message, final=True)
-        elif isinstance(message, m.Metrics):
-            steps = [msgspec.structs.replace(s, t=s.t + self.shift) for s in message.steps]
-            message = msgspec.structs.replace(message, steps=steps)
+        elif isinstance(message, m.Metrics):  # step rows carry wall-clock t: they sort across replicas as they are
             self.last_metrics = message
             self.metrics.add(message)
+            if message.step_running_s > 0 and (self.step_clock is None or self.step_clock[0] != message.step):
+                self.step_clock = (message.step, time.monotonic() - message.step_running_s)
         else:
             log.warning("unexpected message from replica %d: %r", self.index, type(message).__name__)
 
@@ -287,13 +289,13 @@ class _Replica:
         with self.lock:
             pending = self.pending.pop(request_id, None) if final else self.pending.get(request_id)
         if pending is not None:
-            pending.sink.put(item)
+            pending.sink.deliver(item, final=final)
 
     def fail_pending(self, error: Exception) -> list[str]:
         with self.lock:
             pending, self.pending = self.pending, {}
         for p in pending.values():
-            p.sink.put(error)
+            p.sink.deliver(error, final=True)
         return list(pending)
 
     def _on_death(self, exc: BaseException) -> None:
@@ -311,15 +313,23 @@ class _Replica:
         ))
 
     def _check_hang(self) -> None:
-        silent = time.monotonic() - self.last_heard
-        if not self.pending or silent < self.settings.hang_timeout_s or self.hung:
+        """Hung: silent (no heartbeat either) past hang_timeout_s, or one step running past step_timeout_s."""
+        if not self.pending or self.hung:
             return
-        log.error("replica %d silent for %.1f s with requests in flight", self.index, silent)
+        now, where = time.monotonic(), f"replica {self.index} (pid {self.pid})"
+        silent = now - self.last_heard
+        stuck = now - self.step_clock[1] if self.step_clock else 0.0
+        if silent >= self.settings.hang_timeout_s:
+            why = f"{where} sent nothing for {silent:.1f} s (hang_timeout_s={self.settings.hang_timeout_s})"
+        elif stuck >= self.settings.step_timeout_s:
+            why = (f"{where} has been in one step for {stuck:.1f} s (step_timeout_s={self.settings.step_timeout_s}); "
+                   "it still sends heartbeats")
+        else:
+            return
+        log.error("%s, with %d requests in flight", why, len(self.pending))
         with self.lock:
-            self.hung = True
-        failed = self.fail_pending(WorkerHungError(
-            f"replica {self.index} (pid {self.pid}) sent nothing for {silent:.1f} s (hang_timeout_s)"
-        ))
+            self.hung = True  # under the lock: no request slips in between the failing and the refusing
+        failed = self.fail_pending(WorkerHungError(why))
         with contextlib.suppress(Exception):
             self.actor.cancel.remote(failed)  # if it ever wakes, it drops work nobody waits for
         if self.settings.restart_on_hang:
@@ -342,6 +352,7 @@ class _Replica:
             "busy": beat.busy if beat else None,
             "kv_blocks_used": beat.kv_blocks_used if beat else None,  # as of the last heartbeat
             "died": self.death,
+            "warnings": list(self.ready.warnings) if self.ready else [],  # e.g. a dtype slow on this CPU
         }
 
     def kill(self) -> None:
@@ -379,7 +390,6 @@ class _Fleet:
         self.options: dict[str, Any] = {}
         self.logs = logs
         self.on_hang = on_hang
-        self.clock0 = time.time()
         self.lock = threading.RLock()
         self.replicas: list[_Replica] = []
         self.router: PrefixRouter | None = None
@@ -422,7 +432,7 @@ class _Fleet:
             raise
 
     def _new(self, index: int) -> _Replica:
-        return _Replica(index, self.replica_settings, self.options, self.logs[index], self.clock0, self.on_hang)
+        return _Replica(index, self.replica_settings, self.options, self.logs[index], self.on_hang)
 
     def _check_resources(self) -> None:
         """Fail now, not after startup_timeout_s, when the cluster has no room for the replicas."""

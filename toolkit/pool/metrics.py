@@ -9,8 +9,8 @@ from toolkit.worker.messages import Metrics
 
 
 class PoolMetrics(MetricsLog):
-    """The merged telemetry of a pool: `steps()` and `requests()` carry a `replica` column; `t` is seconds since the
-    pool started (each replica's rows are shifted onto that clock as they arrive), so rows sort across replicas.
+    """The merged telemetry of a pool: `steps()` and `requests()` carry a `replica` column (and, like every log, the
+    `pid` of the process that produced the row); step rows sort by their wall-clock `t` across replicas.
 
     `summary()` is MetricsLog's over the merged rows: throughput counts every replica's tokens over the common span.
     """

@@ -25,7 +25,6 @@ import shutil
 import socket
 import tempfile
 import threading
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -148,8 +147,7 @@ class ReplicaActor:
         self.loop = _ReplicaLoop(engine, self.channel, self.settings, os.getppid())
         self.thread = threading.Thread(target=self._run, name=f"toolkit-replica-{self.index}", daemon=True)
         self.thread.start()
-        details = {"ready": _encoder.encode(ready), "start_time": getattr(engine, "start_time", time.time()),
-                   "tokenizer_files": tokenizer_files, "node": socket.gethostname()}
+        details = {"ready": _encoder.encode(ready), "tokenizer_files": tokenizer_files, "node": socket.gethostname()}
         return "ready", details
 
     def _load(self) -> tuple[Any, m.Ready, dict[str, bytes]]:
@@ -157,7 +155,7 @@ class ReplicaActor:
 
         scratch = tempfile.mkdtemp(prefix="tk-replica-")  # the tokenizer is saved here, then shipped to the parent
         try:
-            engine, ready = _load(self.settings.replace(ipc_dir=scratch))
+            engine, ready = _load(self.settings, scratch)  # it also sets torch's threads: this process is ours
             files: dict[str, bytes] = {}
             if ready.tokenizer_dir:
                 root = Path(ready.tokenizer_dir)
