@@ -1,10 +1,13 @@
-"""Our own engine, measured twice: through the worker process and pipeline (`toolkit`), and in this process."""
+"""Our own engine: through the worker process and pipeline (`toolkit`), in this process, and over a Ray worker pool."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
+
+import psutil
 
 from toolkit.settings import Settings
 from toolkit.worker.messages import GenerateRequest
@@ -69,8 +72,6 @@ def run_toolkit(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun
 
 def run_toolkit_ray(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
     """The same pipeline over a WorkerPool: `cfg.replicas` replicas as Ray actors on a Ray this process starts."""
-    import os
-
     from toolkit.pipeline import TokenGeneratorPipeline
     from toolkit.pool import start_worker_pool
 
@@ -103,24 +104,19 @@ def run_toolkit_ray(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> Syste
 
 def ray_daemons(replica_pids: Sequence[int | None]) -> list[int]:
     """Ray's own processes under this one (gcs_server, raylet, agents, monitors): what a pool adds besides replicas."""
-    import psutil
+    from toolkit.pool.reaper import is_ray
 
-    replicas = set(replica_pids)
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            name, cmd = proc.name(), " ".join(proc.cmdline())
+            if proc.pid not in replica_pids and is_ray(proc):
+                found.append(proc.pid)
         except psutil.Error:
             continue
-        if proc.pid not in replicas and (name in ("gcs_server", "raylet") or cmd.startswith("ray::")
-                                         or "/ray/" in cmd):
-            found.append(proc.pid)
     return found
 
 
 def rss_of(pid: int) -> int:
-    import psutil
-
     try:
         return psutil.Process(pid).memory_info().rss
     except psutil.Error:
