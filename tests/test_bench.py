@@ -48,6 +48,20 @@ def test_every_system_produces_the_requested_tokens_and_the_json_has_every_metri
     assert data["machine"]["gemm_gflops"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_toolkit_ray_runs_the_workload_on_a_pool_and_reports_routing_cost(tmp_path) -> None:
+    pytest.importorskip("ray")
+    argv = ["--systems", "toolkit-ray", "--model", "tiny-random-llama", "--num-requests", "6", "--input-len", "8:40",
+            "--output-len", "3:12", "--kv-cache-gib", "0.02", "--replicas", "2", "--threads-per-replica", "1",
+            "--out", str(tmp_path), "--no-plot"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "random-offline-float32.json").read_text())["systems"]["toolkit-ray"]
+    assert summary["error"] is None and summary["exact_token_counts"] is True and summary["completed"] == 6
+    assert summary["note"].startswith("2 replicas x 1 threads; Ray start ") and "routing " in summary["note"]
+    assert summary["peak_rss_mib"] > 100  # both replicas' processes
+
+
 def test_random_workload_is_seeded_within_ranges_and_avoids_special_tokens(tokenizer) -> None:
     a = build_workload(tokenizer, "random", 50, (16, 64), (8, 32), seed=3)
     b = build_workload(tokenizer, "random", 50, (16, 64), (8, 32), seed=3)

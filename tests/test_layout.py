@@ -33,3 +33,4 @@ def test_parent_side_does_not_import_the_engine() -> None:
     loaded = imported_after(PARENT_SIDE)
     assert set(PARENT_SIDE) <= loaded
     assert not loaded & set(WORKER_SIDE), sorted(loaded & set(WORKER_SIDE))
+    assert "ray" not in loaded  # only worker pools need Ray: toolkit.start_worker_pool imports it on first use

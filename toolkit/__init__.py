@@ -1,5 +1,7 @@
 """Run a language model in a background worker process and drive it live from Jupyter."""
 
+from typing import Any
+
 from toolkit import errors
 from toolkit.errors import (
     InvalidRequestError,
@@ -36,11 +38,21 @@ __all__ = [
     "start_model_worker",
 ]
 
+# Imported on first use, so `import toolkit` (and `from toolkit import *`) need neither the web stack nor Ray.
+_POOL = ("WorkerPool", "start_worker_pool")
 
-def __getattr__(name: str) -> object:
-    """`toolkit.api` on first use, so `import toolkit` does not import the web stack."""
+
+def __getattr__(name: str) -> Any:
     if name == "api":
         import importlib
 
         return importlib.import_module("toolkit.api")
+    if name in _POOL:
+        from toolkit.pool import client
+
+        return getattr(client, name)
     raise AttributeError(f"module 'toolkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_POOL, "api"])

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import SYSTEMS, BenchConfig
+from .config import OPTIONAL_SYSTEMS, SYSTEMS, BenchConfig
 from .records import SystemRun
 from .report import machine_info, markdown, plot, show, write_json
 from .roofline import gemm_gflops
@@ -24,7 +24,8 @@ def parser() -> argparse.ArgumentParser:
     d = BenchConfig()
     p = argparse.ArgumentParser(prog="python -m toolkit bench", description=__doc__,
                                 epilog="bench --responsiveness --help: the API latency while the engine is busy")
-    p.add_argument("--systems", default=",".join(d.systems), help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    p.add_argument("--systems", default=",".join(d.systems),
+                   help=f"comma-separated, from {', '.join(SYSTEMS + OPTIONAL_SYSTEMS)}")
     p.add_argument("--workload", choices=("random", "chat"), default=d.workload)
     p.add_argument("--num-requests", type=int, default=d.num_requests)
     p.add_argument("--input-len", default=_range(d.input_len), help="prompt tokens LO:HI, uniform (random workload)")
@@ -47,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
                    help="hf-sequential: only the first N requests (0: all; it makes ~16 tok/s here)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed warm-up requests per system")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per process (default: torch's)")
+    p.add_argument("--replicas", type=int, default=d.replicas, help="toolkit-ray: model-worker replicas")
+    p.add_argument("--threads-per-replica", type=int, default=d.threads_per_replica,
+                   help="toolkit-ray: CPUs and torch threads per replica (default: --threads / --replicas)")
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run systems in this process")
     p.add_argument("--no-plot", dest="plot", action="store_false")
     return p
@@ -60,9 +64,9 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     p = parser()
     args = p.parse_args(list(argv))
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
-    unknown = [s for s in systems if s not in SYSTEMS]
+    unknown = [s for s in systems if s not in SYSTEMS + OPTIONAL_SYSTEMS]
     if unknown or not systems:
-        p.error(f"unknown systems {unknown}: choose from {', '.join(SYSTEMS)}")
+        p.error(f"unknown systems {unknown}: choose from {', '.join(SYSTEMS + OPTIONAL_SYSTEMS)}")
     fields = vars(args) | {"systems": systems, "input_len": parse_range(args.input_len),
                            "output_len": parse_range(args.output_len)}
     return BenchConfig(**fields)

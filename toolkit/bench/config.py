@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 SYSTEMS = ("toolkit", "toolkit-inprocess", "toolkit-http", "hf-sequential", "hf-static", "hf-cb")
+OPTIONAL_SYSTEMS = ("toolkit-ray",)  # only when named in --systems: it starts a Ray instance
 
 
 @dataclass(slots=True)
@@ -31,6 +32,8 @@ class BenchConfig:
     sequential_limit: int | None = 8  # hf-sequential runs only the first N requests (it is slow); 0/None: all
     warmup: int = 1  # untimed warm-up requests per system
     threads: int | None = None  # torch threads in every process; None: torch's default
+    replicas: int = 2  # toolkit-ray: model-worker replicas (Ray actors)
+    threads_per_replica: int | None = None  # toolkit-ray: CPUs and torch threads of each; None: threads / replicas
     isolate: bool = True  # each system in its own spawned process (clean memory, a crash stays contained)
     plot: bool = True
 

@@ -11,19 +11,24 @@ import psutil
 
 @dataclass(slots=True)
 class RssSampler:
-    """Samples psutil RSS of `pid` every `interval_s`; `peak` is the largest sample. Use as a context manager."""
+    """Samples psutil RSS of `pid` (summed with `others`) every `interval_s`; `peak` is the largest sample.
+    Use as a context manager."""
 
     pid: int = field(default_factory=os.getpid)
+    others: tuple[int, ...] = ()  # more processes of the same system (a pool's replicas)
     interval_s: float = 0.05
     peak: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def sample(self) -> None:
-        try:
-            self.peak = max(self.peak, psutil.Process(self.pid).memory_info().rss)
-        except psutil.Error:
-            pass
+        total = 0
+        for pid in (self.pid, *self.others):
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                pass
+        self.peak = max(self.peak, total)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

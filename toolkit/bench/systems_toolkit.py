@@ -1,10 +1,13 @@
-"""Our own engine, measured twice: through the worker process and pipeline (`toolkit`), and in this process."""
+"""Our own engine: through the worker process and pipeline (`toolkit`), in this process, and over a Ray worker pool."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
+
+import psutil
 
 from toolkit.settings import Settings
 from toolkit.worker.messages import GenerateRequest
@@ -18,6 +21,7 @@ from .workloads import BenchRequest, warmup_requests
 if TYPE_CHECKING:
     from toolkit.engine.core import Engine
     from toolkit.pipeline import TokenGeneratorPipeline
+    from toolkit.pool import WorkerPool
     from toolkit.worker.client import ModelWorker
 
 METRICS_SETTLE_S = 5.0  # the worker coalesces telemetry every metrics_interval_s; wait at most this for the tail
@@ -66,7 +70,60 @@ def run_toolkit(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun
     return run
 
 
-def settle_metrics(worker: ModelWorker) -> None:
+def run_toolkit_ray(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
+    """The same pipeline over a WorkerPool: `cfg.replicas` replicas as Ray actors on a Ray this process starts."""
+    from toolkit.pipeline import TokenGeneratorPipeline
+    from toolkit.pool import start_worker_pool
+
+    threads = cfg.threads_per_replica or max(1, (cfg.threads or os.cpu_count() or 1) // cfg.replicas)
+    run = SystemRun("toolkit-ray")
+    loading = time.perf_counter()
+    settings = toolkit_settings(cfg).replace(num_threads=threads)
+    with start_worker_pool(settings, replicas=cfg.replicas, num_cpus_per_replica=threads) as pool:
+        run.load_s = time.perf_counter() - loading
+        ray_rss = sum(rss_of(p) for p in ray_daemons(pool.pids))
+        pipe = TokenGeneratorPipeline(pool)
+        streamer = PipelineStreamer(pipe)
+        drive_async(streamer, warmup_requests(requests, cfg.warmup), None, run.name, progress=False)
+        settle_metrics(pool)
+        pool.metrics.reset()
+        pids = [p for p in pool.pids if p is not None]
+        with RssSampler(pids[0], tuple(pids[1:])) as rss:
+            run.records, run.started_at = drive_async(streamer, requests, cfg.max_concurrency, "toolkit-ray")
+        settle_metrics(pool)
+        steps = pool.metrics.steps()
+        run.batch_sizes = steps.batch_size.astype(int).tolist()
+        run.peak_rss_bytes = rss.peak
+        t = pool.timings
+        run.note = (f"{cfg.replicas} replicas x {threads} threads; Ray start {t['ray_connect_s']:.1f} s, replicas "
+                    f"ready {t['replicas_ready_s']:.1f} s; Ray's own processes {ray_rss / 2**20:.0f} MiB RSS "
+                    f"(not in peak RSS); per request: routing {t['route_us']:.0f} us, submit {t['submit_us']:.0f} us; "
+                    f"requests per replica {[r['submitted'] for r in pool.health()['replicas']]}")
+    return run
+
+
+def ray_daemons(replica_pids: Sequence[int | None]) -> list[int]:
+    """Ray's own processes under this one (gcs_server, raylet, agents, monitors): what a pool adds besides replicas."""
+    from toolkit.pool.reaper import is_ray
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.pid not in replica_pids and is_ray(proc):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def rss_of(pid: int) -> int:
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return 0
+
+
+def settle_metrics(worker: ModelWorker | WorkerPool) -> None:
     """Wait for a telemetry message sent after now: the worker's socket is ordered, so it carries every step so far."""
     now = time.time()
     deadline = time.monotonic() + METRICS_SETTLE_S
