@@ -1,7 +1,9 @@
 """The OpenAI-compatible FastAPI app over a running worker handle (or anything with its interface: a pool, the
 in-process engine adapter): `create_app(worker, embeddings_worker=None, api_key=...)`.
 
-The handle interface used here: `info`, `settings`, `submit(request, sink)`, `cancel(ids)`, `health()`, `metrics`.
+The handle interface used here: `info`, `settings`, `submit(request, sink)`, `cancel(ids)`, `health()`, `metrics`;
+optionally `on_event_loop()`, an async context manager held on the server's event loop for its lifetime (the
+in-process engine steps there). A pool's `health()` lists `replicas`: /health stays 200 while any of them serves.
 """
 
 from __future__ import annotations
@@ -225,7 +227,12 @@ def create_app(worker: Any, embeddings_worker: Any = None, *, api_key: str | Non
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
-        yield
+        async with contextlib.AsyncExitStack() as stack:
+            for handle in (worker, embeddings_worker):
+                on_loop = getattr(handle, "on_event_loop", None)
+                if on_loop is not None:  # the in-process engine: stepped on the loop this server runs
+                    await stack.enter_async_context(on_loop())
+            yield
         state.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="toolkit", version=version(), lifespan=lifespan, docs_url=None, redoc_url=None)
