@@ -472,8 +472,20 @@ def test_serve_in_background_from_a_running_event_loop(inprocess: Any) -> None:
 
 
 def test_inprocess_engine_behind_the_same_interface(inprocess: Any) -> None:
+    """Same answers as the worker; its steps run on the server's event-loop thread (the design the seed warns
+    against), and without a server's loop nothing steps it, so it refuses requests."""
     from toolkit.api import serve_in_background
+    from toolkit.errors import WorkerNotRunningError
+    from toolkit.pipeline.generate import TokenGeneratorPipeline
 
+    stepped_on: set[str] = set()
+    loop, step = inprocess._worker_loop, inprocess._worker_loop.step
+
+    def recording_step() -> None:
+        stepped_on.add(threading.current_thread().name)
+        step()
+
+    loop.step = recording_step
     with serve_in_background(inprocess) as server:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=30)
         out = c.completions.create(model=TINY, prompt=[3, 4, 5], max_tokens=4, extra_body={"ignore_eos": True})
@@ -482,6 +494,9 @@ def test_inprocess_engine_behind_the_same_interface(inprocess: Any) -> None:
         whole = c.completions.create(model=TINY, prompt=[3, 4, 5], max_tokens=4, **GREEDY).choices[0].text
         assert "".join(ch.choices[0].text for ch in streamed) == whole
         assert httpx.get(server.url + "/health", timeout=5).json()["pid"] == os.getpid()
+    assert stepped_on == {f"toolkit-api-{server.port}"}  # uvicorn's thread, the one its event loop runs on
+    with pytest.raises(WorkerNotRunningError, match="event loop"):
+        TokenGeneratorPipeline(inprocess).generate([3, 4, 5], max_new_tokens=2)
 
 
 def test_non_loopback_without_a_key_is_refused() -> None:

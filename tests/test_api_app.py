@@ -3,6 +3,7 @@ report reaches the client as the status and OpenAI error shape the `openai` clie
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,62 @@ def test_a_chunked_body_over_the_limit_is_413(worker: ScriptedWorker) -> None:
 def test_tokenizer_is_loaded_before_the_first_request(worker: ScriptedWorker) -> None:
     app = create_app(worker)
     assert app.state.toolkit._pipe is not None and Path(worker.info.tokenizer_dir).is_dir()
+
+
+class ScriptedPool(ScriptedWorker):
+    """A pool's health(): one entry per replica (state, alive, hung, died) and the overall state WorkerPool reports."""
+
+    def __init__(self, tokenizer_dir: str, states: list[str]) -> None:
+        super().__init__(tokenizer_dir)
+        self.states = states
+        self.restarted: list[int | None] = []
+
+    def health(self) -> dict[str, Any]:
+        replicas = [{"replica": i, "state": s, "alive": s == "ready", "hung": False, "pid": 10 + i, "in_flight": 0,
+                     "busy": False, "kv_blocks_used": 0, "restarts": 0, "died": "killed" if s == "failed" else None}
+                    for i, s in enumerate(self.states)]
+        serving = sum(r["alive"] for r in replicas)
+        state = ("degraded" if serving < len(replicas) else "ready") if serving else (
+            "failed" if "failed" in self.states else "starting")
+        return {"state": state, "alive": serving > 0, "replicas_serving": serving, "pid": 10, "in_flight": 0,
+                "hung": False, "busy": False, "kv_blocks_used": 0, "restarts": 0, "replicas": replicas}
+
+    def restart(self, replica: int | None = None) -> ScriptedPool:
+        self.restarted.append(replica)
+        if replica is not None:
+            self.states[replica] = "ready"
+        return self
+
+
+def test_a_degraded_pool_is_healthy_and_lists_its_replicas(tokenizer_dir: str) -> None:
+    pool = ScriptedPool(tokenizer_dir, ["failed", "ready"])
+    response = TestClient(create_app(pool)).get("/health")
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "degraded" and body["state"] == "degraded"
+    assert "replica 0: model worker crashed: killed" in body["reason"]
+    assert [r["alive"] for r in body["replicas"]] == [False, True]
+
+
+@pytest.mark.parametrize(("states", "reason"), [
+    (["failed", "failed"], "crashed"), (["starting", "failed"], "starting"),
+])
+def test_a_pool_with_no_replica_serving_is_503(tokenizer_dir: str, states: list[str], reason: str) -> None:
+    response = TestClient(create_app(ScriptedPool(tokenizer_dir, states))).get("/health")
+    body = response.json()
+    assert response.status_code == 503 and body["reason"].startswith("no replica of the pool is serving")
+    assert reason in body["reason"] and len(body["replicas"]) == 2
+
+
+@pytest.mark.timeout(30)
+def test_restart_on_crash_restarts_only_the_dead_replicas(tokenizer_dir: str) -> None:
+    from toolkit.api.server import CrashWatcher
+
+    pool = ScriptedPool(tokenizer_dir, ["ready", "failed", "ready", "failed"])
+    watcher = CrashWatcher(pool, interval_s=0.01).start()
+    try:
+        deadline = time.monotonic() + 10
+        while pool.states != ["ready"] * 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        watcher.stop()
+    assert pool.restarted == [1, 3]

@@ -1,7 +1,9 @@
 """The OpenAI-compatible FastAPI app over a running worker handle (or anything with its interface: a pool, the
 in-process engine adapter): `create_app(worker, embeddings_worker=None, api_key=...)`.
 
-The handle interface used here: `info`, `settings`, `submit(request, sink)`, `cancel(ids)`, `health()`, `metrics`.
+The handle interface used here: `info`, `settings`, `submit(request, sink)`, `cancel(ids)`, `health()`, `metrics`;
+optionally `on_event_loop()`, an async context manager held on the server's event loop for its lifetime (the
+in-process engine steps there). A pool's `health()` lists `replicas`: /health stays 200 while any of them serves.
 """
 
 from __future__ import annotations
@@ -225,7 +227,12 @@ def create_app(worker: Any, embeddings_worker: Any = None, *, api_key: str | Non
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
-        yield
+        async with contextlib.AsyncExitStack() as stack:
+            for handle in (worker, embeddings_worker):
+                on_loop = getattr(handle, "on_event_loop", None)
+                if on_loop is not None:  # the in-process engine: stepped on the loop this server runs
+                    await stack.enter_async_context(on_loop())
+            yield
         state.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="toolkit", version=version(), lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -378,17 +385,31 @@ def _card(worker: Any, name: str) -> ModelCard:
 
 
 def _health(worker: Any, name: str) -> tuple[dict[str, Any], bool]:
-    """200-worthy when alive and not hung; otherwise the reason, in words."""
+    """200-worthy when alive and not hung; otherwise the reason, in words. A pool (its health() lists `replicas`) is
+    200-worthy while any replica serves: "degraded", with the others' reasons, when some do not."""
     h = worker.health()
-    reason = ""
+    if "replicas" in h:
+        down = [f"replica {r['replica']}: {_why_down(r)}" for r in h["replicas"] if _why_down(r)]
+        if h.get("alive"):
+            return {"status": "degraded" if down else "ok", "reason": "; ".join(down) or None, "model": name,
+                    **h}, True
+        reason = "no replica of the pool is serving" + (f" ({'; '.join(down)})" if down else "")
+        return {"status": "unavailable", "reason": reason, "model": name, **h}, False
+    reason = _why_down(h)
+    ok = not reason
+    return {"status": "ok" if ok else "unavailable", "reason": reason or None, "model": name, **h}, ok
+
+
+def _why_down(h: dict[str, Any]) -> str:
+    """Why one worker (or replica) does not serve, from its health(); "" when it does."""
     if h.get("hung"):
-        reason = f"model worker is hung (silent for {h.get('heartbeat_age_s') or 0:.1f} s while busy)"
-    elif not h.get("alive"):
+        return f"model worker is hung (silent for {h.get('heartbeat_age_s') or 0:.1f} s while busy)"
+    if not h.get("alive"):
         state = h.get("state")
         reason = {"failed": "model worker crashed", "starting": "model worker is starting",
                   "stopped": "model worker is stopped"}.get(str(state), f"model worker is {state}")
-    ok = not reason
-    return {"status": "ok" if ok else "unavailable", "reason": reason or None, "model": name, **h}, ok
+        return f"{reason}: {h['died']}" if h.get("died") else reason
+    return ""
 
 
 def _embedding_inputs(body: EmbeddingRequest, limit: int) -> tuple[list[str], list[list[int]]]:

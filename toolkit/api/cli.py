@@ -1,5 +1,6 @@
 """`python -m toolkit serve`: start the worker(s), wait for Ready, serve the OpenAI API until Ctrl-C or SIGTERM,
-then shut the workers down cleanly. Every Settings field is also a flag (`--max-batch-size 8`)."""
+then shut the workers down cleanly. Every Settings field is also a flag (`--max-batch-size 8`). With `--replicas N`
+the API fronts a pool of N model-worker replicas on Ray (toolkit.pool), a private local Ray unless `--ray-address`."""
 
 from __future__ import annotations
 
@@ -45,7 +46,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--restart-on-crash", action=argparse.BooleanOptionalAction, default=True,
                    help="restart a worker that died")
     p.add_argument("--engine", choices=["worker", "inprocess"], default="worker",
-                   help="inprocess: step the engine inside the server's process (for comparison only)")
+                   help="inprocess: step the engine on the server's own event loop (for comparison only)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="serve a pool of N model-worker replicas on Ray (toolkit.pool) instead of one worker")
+    p.add_argument("--ray-address", default=None,
+                   help="with --replicas: join this Ray cluster ('auto' or host:port); default: a private local Ray")
+    p.add_argument("--threads-per-replica", type=int, default=None,
+                   help="with --replicas: CPUs each replica reserves and torch threads it runs (default: split evenly)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     p.add_argument("--max-n", type=int, default=8, help="largest n per request")
     p.add_argument("--max-prompts", type=int, default=64, help="most prompts (or embedding inputs) per request")
@@ -74,6 +81,7 @@ def serve(args: argparse.Namespace) -> int:
     args.api_key = args.api_key or os.environ.get("TOOLKIT_API_KEY") or None
     try:
         check_bind(args.host, args.api_key, args.insecure)
+        _check_pool_flags(args)
         settings = _settings(args, args.model)
     except (ToolkitError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -86,14 +94,18 @@ def serve(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def install_handlers() -> None:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    install_handlers()
     with contextlib.ExitStack() as stack:
         try:
-            worker = stack.enter_context(_start(settings, args.engine))
+            worker = stack.enter_context(_start(settings, args))
+            install_handlers()  # ray.init replaces the SIGTERM handler with one that exits at once
             embedder = None
             if args.embeddings_model:
-                embedder = stack.enter_context(_start(_settings(args, args.embeddings_model), "worker"))
+                embedder = stack.enter_context(_start(_settings(args, args.embeddings_model)))
             app = create_app(worker, embedder, api_key=args.api_key, model_name=args.served_model_name,
                              limits=Limits(args.max_n, args.max_prompts, args.max_body_bytes),
                              allow_origins=args.allow_origin)
@@ -109,8 +121,10 @@ def serve(args: argparse.Namespace) -> int:
                 if handle is not None:
                     stack.callback(CrashWatcher(handle).start().stop)  # stopped before the workers shut down
         info = worker.info
-        print(f"serving {info.model} ({info.device}/{info.dtype}) at {server.url}/v1 (worker pid {info.pid}); "
-              "Ctrl-C to stop", flush=True)
+        where = (f"{args.replicas} replicas on Ray, pids {worker.pids}" if args.replicas
+                 else f"worker pid {info.pid}")
+        print(f"serving {info.model} ({info.device}/{info.dtype}) at {server.url}/v1 ({where}); Ctrl-C to stop",
+              flush=True)
         serving = True
         while not stop.wait(0.5):  # a timeout keeps the main thread responsive to signals
             pass
@@ -118,12 +132,31 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start(settings: Settings, engine: str) -> Any:
-    """A started worker handle; its context manager shuts it down."""
-    if engine == "inprocess":
+def _check_pool_flags(args: argparse.Namespace) -> None:
+    from toolkit.errors import InvalidRequestError
+
+    if args.replicas is None:
+        if args.ray_address or args.threads_per_replica:
+            raise InvalidRequestError("--ray-address and --threads-per-replica need --replicas N")
+        return
+    if args.replicas < 1:
+        raise InvalidRequestError(f"--replicas must be at least 1, not {args.replicas}")
+    if args.engine != "worker":
+        raise InvalidRequestError("--replicas serves worker replicas: it does not go with --engine inprocess")
+
+
+def _start(settings: Settings, args: argparse.Namespace | None = None) -> Any:
+    """A started handle (one worker, a pool of replicas, or the in-process engine); its context manager shuts it
+    down. Without `args`: one worker (the embeddings model)."""
+    if args is not None and args.engine == "inprocess":
         from toolkit.api.inprocess import InProcessWorker
 
         return InProcessWorker(settings).start()
+    if args is not None and args.replicas is not None:
+        from toolkit.pool.client import start_worker_pool
+
+        return start_worker_pool(settings, args.replicas, ray_address=args.ray_address,
+                                 num_cpus_per_replica=args.threads_per_replica)
     from toolkit.worker.client import start_model_worker
 
     return start_model_worker(settings)

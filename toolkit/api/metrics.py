@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
@@ -51,19 +52,22 @@ def _add_worker(out: _Families, worker: Any, model_name: str) -> None:
     labels = {"model_name": model_name}
     health = worker.health()
     steps, requests = worker.metrics.steps(), worker.metrics.requests()
-    last = steps.iloc[-1] if len(steps) else None
-    busy = bool(health.get("busy")) and last is not None
+    lasts = _last_steps(steps, health)
+    busy_lasts = [last for last, busy in lasts if busy]
     out.gauge("toolkit:worker_up", "1 while the worker is alive and serving", labels, float(health["alive"]))
+    for replica in health.get("replicas", []):  # a pool: which replicas serve
+        out.gauge("toolkit:replica_up", "1 while this replica of the pool is alive and serving",
+                  {**labels, "replica": str(replica["replica"])}, float(replica["alive"] and not replica["hung"]))
     out.counter("toolkit:worker_restarts", "restarts of the worker by this handle", labels,
                 float(health.get("restarts") or 0))
     out.gauge("toolkit:num_requests_in_flight", "requests submitted and not yet answered", labels,
               float(health.get("in_flight") or 0))
     out.gauge("toolkit:num_requests_running", "sequences running in the worker (last step; 0 when idle)", labels,
-              float(last.num_running) if busy else 0.0)
+              float(sum(last.num_running for last in busy_lasts)))
     out.gauge("toolkit:num_requests_waiting", "requests waiting in the worker (last step; 0 when idle)", labels,
-              float(last.num_waiting) if busy else 0.0)
+              float(sum(last.num_waiting for last in busy_lasts)))
     used = float(health.get("kv_blocks_used") or 0)
-    total = float(last.kv_blocks_total) if last is not None else 0.0
+    total = float(sum(last.kv_blocks_total for last, _ in lasts))
     out.gauge("toolkit:kv_cache_blocks_used", "KV-cache blocks in use (last heartbeat)", labels, used)
     out.gauge("toolkit:kv_cache_usage_perc", "fraction of the KV-cache blocks in use (last heartbeat)", labels,
               used / total if total else 0.0)
@@ -93,6 +97,17 @@ def _add_worker(out: _Families, worker: Any, model_name: str) -> None:
     ):
         out.histogram(name, doc, labels, requests[column].to_numpy(dtype=float) if len(requests) else [],
                       LATENCY_BUCKETS)
+
+
+def _last_steps(steps: pd.DataFrame, health: dict[str, Any]) -> list[tuple[Any, bool]]:
+    """(last step row, busy now) of the worker, or of each live replica of a pool (whose rows carry `replica`)."""
+    if not len(steps):
+        return []
+    if "replicas" not in health or "replica" not in steps:
+        return [(steps.iloc[-1], bool(health.get("busy")))]
+    lasts = steps.groupby("replica").tail(1).set_index("replica")
+    return [(lasts.loc[r["replica"]], bool(r["busy"])) for r in health["replicas"]
+            if r["alive"] and r["replica"] in lasts.index]
 
 
 class WorkerCollector:

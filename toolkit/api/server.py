@@ -134,7 +134,8 @@ def serve_in_background(worker: Any, port: int = 0, *, host: str = "127.0.0.1", 
 
 
 class CrashWatcher:
-    """Restart-on-crash: polls the handle and restarts a worker that died, backing off while restarts fail."""
+    """Restart-on-crash: polls the handle and restarts a worker that died, backing off while restarts fail. Over a
+    pool, only the replicas that died are restarted (`restart(i)`); the others keep serving meanwhile."""
 
     def __init__(self, worker: Any, interval_s: float = 0.2, max_backoff_s: float = 30.0) -> None:
         self.worker, self.interval_s, self.max_backoff_s = worker, interval_s, max_backoff_s
@@ -153,14 +154,25 @@ class CrashWatcher:
     def _run(self) -> None:
         backoff = 1.0
         while not self._stop.wait(self.interval_s):
-            if getattr(self.worker, "state", None) != "failed":
-                continue
-            log.warning("the model worker died; restarting it (restart-on-crash)")
-            try:
-                self.worker.restart()
-                backoff = 1.0
-                log.warning("model worker restarted: pid %s", self.worker.pid)
-            except Exception:
-                log.exception("restart failed; next try in %.0f s", backoff)
-                self._stop.wait(backoff)
-                backoff = min(2 * backoff, self.max_backoff_s)
+            for replica in self._dead():
+                what = "the model worker" if replica is None else f"replica {replica} of the pool"
+                log.warning("%s died; restarting it (restart-on-crash)", what)
+                try:
+                    if replica is None:
+                        self.worker.restart()
+                    else:
+                        self.worker.restart(replica)
+                    backoff = 1.0
+                    log.warning("%s restarted: pid %s", what, self.worker.pid)
+                except Exception:
+                    log.exception("restart failed; next try in %.0f s", backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(2 * backoff, self.max_backoff_s)
+                    break
+
+    def _dead(self) -> list[int | None]:
+        """The pool's replicas that died, or [None] for a single worker that died."""
+        health = self.worker.health()
+        if "replicas" in health:
+            return [r["replica"] for r in health["replicas"] if r["state"] == "failed"]
+        return [None] if health.get("state") == "failed" else []

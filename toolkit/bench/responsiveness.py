@@ -1,7 +1,7 @@
 """`python -m toolkit bench --responsiveness`: does the API stay responsive while the model is busy?
 
 The seed's claim, measured: for each engine (`worker`: the model in its spawned process; `inprocess`: the engine
-stepped inside the server's own process) a `python -m toolkit serve` subprocess is started; a load process keeps
+stepped on the server's own event loop) a `python -m toolkit serve` subprocess is started; a load process keeps
 `--streams` streams running (EOS ignored) while a probe calls GET /health and GET /v1/models every 10 ms. The report
 gives the probe's p50 / p99 / max latency under load for each engine, beside the worker's mean step time, and plots
 both timelines.
