@@ -27,6 +27,8 @@ class GenerateRequest(msgspec.Struct, tag=True, omit_defaults=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     arrival_time: float = 0.0  # time.time() in the parent when submitted
+    cache_salt: str | None = None  # requests share cached prompt blocks only with requests of the same salt
+    use_prefix_cache: bool = True  # False: neither reuse cached blocks nor offer this request's blocks to others
 
 
 class EmbedRequest(msgspec.Struct, tag=True):
@@ -46,6 +48,12 @@ class Cancel(msgspec.Struct, tag=True):
 
 class Shutdown(msgspec.Struct, tag=True):
     pass
+
+
+class ResetPrefixCache(msgspec.Struct, tag=True):
+    """Forget every cached prompt block; rides the requests channel, so it comes after the requests sent before it."""
+
+    id: str
 
 
 # ---- worker -> parent -----------------------------------------------------------------------
@@ -80,6 +88,16 @@ class TokenDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     request_id: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    num_cached_tokens: int = 0  # on the first token's delta: prompt tokens whose K/V came from the prefix cache
+
+
+class PrefixCacheReset(msgspec.Struct, tag=True):
+    """The answer to ResetPrefixCache: how many cached blocks were dropped, or why it was refused."""
+
+    id: str
+    blocks_cleared: int = 0
+    error_type: str = ""  # "" on success
+    message: str = ""
 
 
 class RequestFailed(msgspec.Struct, tag=True):
@@ -123,6 +141,9 @@ class StepMetrics(msgspec.Struct, array_like=True):
     device_mem_bytes: int = 0
     device_util: float = 0.0
     output_tokens: int = 0  # tokens sampled this step (first tokens of finished prefills + decodes)
+    prefix_cache_queries: int = 0  # tokens of the requests admitted this step that looked up the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found in the cache (not computed)
+    kv_blocks_cached: int = 0  # blocks holding a reusable prefix after this step (in use or free)
 
 
 class RequestMetrics(msgspec.Struct, array_like=True):
@@ -137,6 +158,7 @@ class RequestMetrics(msgspec.Struct, array_like=True):
     e2e_s: float
     finish_reason: str
     preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache when first scheduled
 
 
 class Metrics(msgspec.Struct, tag=True):
@@ -149,5 +171,5 @@ class Metrics(msgspec.Struct, tag=True):
     kv_blocks_used: int = 0  # now, not at the last step: an idle worker reporting > 0 has leaked blocks
 
 
-ToWorker = GenerateRequest | EmbedRequest | Cancel | Shutdown
-FromWorker = Ready | StartupFailed | StepOutput | EmbedResult | Metrics
+ToWorker = GenerateRequest | EmbedRequest | Cancel | Shutdown | ResetPrefixCache
+FromWorker = Ready | StartupFailed | StepOutput | EmbedResult | Metrics | PrefixCacheReset
