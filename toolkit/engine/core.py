@@ -18,7 +18,7 @@ from toolkit.engine.block_manager import BlockManager
 from toolkit.engine.request import Sequence
 from toolkit.engine.runner import ModelRunner
 from toolkit.engine.scheduler import SchedulerOutput, TokenGenerationScheduler
-from toolkit.errors import InvalidRequestError
+from toolkit.errors import InvalidRequestError, PrefixCacheBusyError
 from toolkit.layers.kv_cache import num_blocks_for_budget
 from toolkit.settings import Settings
 from toolkit.worker.messages import GenerateRequest, RequestMetrics, StepMetrics, TokenDelta
@@ -45,7 +45,7 @@ class Engine:
         )
         self.max_model_len = settings.max_model_len or int(self.config.max_position_embeddings)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
-        self.blocks = BlockManager(self.num_blocks, settings.block_size)
+        self.blocks = BlockManager(self.num_blocks, settings.block_size, enable_caching=settings.enable_prefix_caching)
         self.scheduler = TokenGenerationScheduler(
             self.blocks, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
@@ -100,10 +100,30 @@ class Engine:
         return deltas
 
     def abort_all(self) -> list[str]:
-        """Cancel every waiting and running request (after a failed step); returns their ids."""
+        """Cancel every waiting and running request (after a failed step); returns their ids.
+
+        The prefix cache goes too: blocks are cached when scheduled, so a failed forward may have left some
+        whose K/V was never written.
+        """
         ids = [seq.request_id for seq in (*self.scheduler.running, *self.scheduler.waiting)]
         self.cancel(ids)
+        self.blocks.reset_cache()
         return ids
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prompt block (after a weight change, or for a cold benchmark); returns how many.
+
+        PrefixCacheBusyError while any request is waiting or running, as vLLM refuses with blocks in use.
+        """
+        if self.has_work:
+            raise PrefixCacheBusyError(
+                f"cannot reset the prefix cache while {self.scheduler.num_running} requests run and "
+                f"{self.scheduler.num_waiting} wait"
+            )
+        cleared = self.blocks.num_cached_blocks
+        if not self.blocks.reset_cache():
+            raise PrefixCacheBusyError(f"{self.blocks.num_used_blocks} KV blocks are still in use")
+        return cleared
 
     @property
     def has_work(self) -> bool:
@@ -121,7 +141,8 @@ class Engine:
         for seq in finished:
             self._retire(seq)
         deltas = [
-            TokenDelta(s.seq.request_id, [sampled[s.seq.request_id]], s.seq.finish_reason)
+            TokenDelta(s.seq.request_id, [sampled[s.seq.request_id]], s.seq.finish_reason,
+                       s.seq.num_cached_tokens if s.seq.num_output_tokens == 1 else 0)
             for s in out.scheduled if s.seq.request_id in sampled
         ]
         self.peak_batch_size = max(self.peak_batch_size, len(out.scheduled))
@@ -164,6 +185,8 @@ class Engine:
             kv_blocks_used=self.kv_blocks_used, kv_blocks_total=self.num_blocks,
             preemptions=len(out.preempted), rss_bytes=self._process.memory_info().rss,
             device_mem_bytes=torch.cuda.memory_allocated(self.device) if on_cuda else 0, output_tokens=sampled,
+            prefix_cache_queries=out.num_cache_queries, prefix_cache_hits=out.num_cache_hits,
+            kv_blocks_cached=self.blocks.num_cached_blocks,
         )
 
 
@@ -178,6 +201,7 @@ def request_metrics(seq: Sequence, arrival: float) -> RequestMetrics:
         request_id=seq.request_id, prompt_tokens=seq.num_prompt_tokens, output_tokens=seq.num_output_tokens,
         queued_s=since(seq.first_scheduled_time), ttft_s=since(seq.first_token_time), itl_mean_s=seq.itl_mean,
         e2e_s=finish - arrival, finish_reason=seq.finish_reason or "cancelled", preemptions=seq.num_preemptions,
+        cached_tokens=seq.num_cached_tokens,
     )
 
 

@@ -98,6 +98,8 @@ class TokenGeneratorPipeline:
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool = False,
         stop_token_ids: Sequence[int] = (),
+        cache_salt: str | None = None,
+        prefix_cache: bool = True,
     ) -> tuple[m.GenerateRequest, list[str]]:
         """Validate every parameter, tokenize, and return the request plus its stop strings."""
         info = self.worker.info
@@ -115,6 +117,10 @@ class TokenGeneratorPipeline:
             raise InvalidRequestError(f"seed must be None or an int in [0, 2**63), not {seed!r}")
         if not isinstance(ignore_eos, bool):
             raise InvalidRequestError(f"ignore_eos must be a bool, not {ignore_eos!r}")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequestError(f"cache_salt must be None or a non-empty str, not {cache_salt!r}")
+        if not isinstance(prefix_cache, bool):
+            raise InvalidRequestError(f"prefix_cache must be a bool, not {prefix_cache!r}")
         stops = check_stop(stop)
         if not all(is_int(t) and 0 <= t < info.vocab_size for t in stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be token ids in [0, {info.vocab_size})")
@@ -128,6 +134,8 @@ class TokenGeneratorPipeline:
             stop_token_ids=[int(t) for t in stop_token_ids],
             ignore_eos=ignore_eos,
             arrival_time=time.time(),
+            cache_salt=cache_salt,
+            use_prefix_cache=prefix_cache,
         )
         return request, stops
 
@@ -195,6 +203,7 @@ class RequestStream:
         self.done = False
         self.first_token_at: float | None = None
         self.chunks = 0
+        self.cached_tokens = 0
 
     def on_item(self, item: object) -> StreamChunk | None:
         """Turn one response item into a chunk; raises the typed error for failures."""
@@ -207,6 +216,8 @@ class RequestStream:
         assert isinstance(item, m.TokenDelta)
         if self.first_token_at is None and item.token_ids:
             self.first_token_at = time.time()
+        if item.num_cached_tokens:
+            self.cached_tokens = item.num_cached_tokens
         final = item.finish_reason is not None
         self.token_ids.extend(item.token_ids)
         piece = self.detok.add(item.token_ids) + (self.detok.flush() if final else "")
@@ -257,6 +268,7 @@ class RequestStream:
             ttft_s=None if self.first_token_at is None else self.first_token_at - arrival,
             e2e_s=time.time() - arrival,
             chunks=self.chunks,
+            cached_tokens=self.cached_tokens,
         )
 
     def close(self) -> None:

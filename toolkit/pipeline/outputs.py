@@ -26,6 +26,7 @@ class Completion:
     ttft_s: float | None = None
     e2e_s: float = 0.0
     chunks: int = field(default=0, repr=False)
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (usage.prompt_tokens_details)
 
     @property
     def tokens_per_s(self) -> float:

@@ -67,6 +67,9 @@ class MetricsLog:
                 out["mean_occupancy"] = out["mean_batch_size"] / max_batch_size
                 out["max_occupancy"] = out["max_batch_size"] / max_batch_size
             out["preemptions"] = float(steps.preemptions.sum())
+            queries = float(steps.prefix_cache_queries.sum())
+            if queries:
+                out["prefix_cache_hit_rate"] = float(steps.prefix_cache_hits.sum()) / queries
         if len(reqs):
             for col in ("ttft_s", "itl_mean_s", "e2e_s"):
                 values = reqs[col].to_numpy(dtype=float)
