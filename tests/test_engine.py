@@ -413,3 +413,54 @@ def test_tiny_engine_on_cuda(dtype: str) -> None:
     engine.add(GenerateRequest("m", prompts[0], max_new_tokens=2))
     _, metrics = engine.step()
     assert metrics.device_mem_bytes > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_smollm2_prefix_cache_matches_no_cache(smol: tuple[Any, Any], corpus: list[int]) -> None:
+    """The four exactness scenarios on the embedded model in float32, with the near-tie rule of the parity tests."""
+
+    def engine(caching: bool, **overrides: Any) -> Engine:
+        settings = {"num_kv_blocks": 200, "max_batch_tokens": 512, **overrides}
+        return Engine(_settings(models.DEFAULT_MODEL, enable_prefix_caching=caching, **settings), model=smol[0],
+                      tokenizer=smol[1])
+
+    def compare(reqs: list[GenerateRequest], **overrides: Any) -> Engine:
+        want = engine(False, **overrides).generate(reqs)
+        cached = engine(True, **overrides)
+        got = cached.generate(reqs)
+        for r in reqs:
+            note = _assert_parity(smol[0], r.prompt_token_ids, got[r.request_id], want[r.request_id])
+            if note:
+                print(f"{r.request_id}: {note}")
+        return cached
+
+    def hits(e: Engine) -> int:
+        return sum(m.cached_tokens for m in e.pop_request_metrics())
+
+    system = corpus[:200]
+    turns = [GenerateRequest(f"u{i}", system + corpus[300 + 37 * i :][: 10 + 2 * i], 8) for i in range(16)]
+    assert hits(compare(turns)) == 15 * 192
+
+    history: dict[bool, list[int]] = {False: corpus[900:960], True: corpus[900:960]}
+    conversation = {flag: engine(flag) for flag in (False, True)}
+    for turn in range(4):
+        user = corpus[1000 + 40 * turn :][:20]
+        outs = {}
+        for flag, e in conversation.items():
+            prompt = history[flag] + user
+            outs[flag] = e.generate([GenerateRequest(f"t{turn}", prompt, 8)])[f"t{turn}"]
+            history[flag] = prompt + outs[flag]
+        note = _assert_parity(smol[0], history[False][: -len(outs[False])], outs[True], outs[False])
+        if note:
+            print(f"turn {turn}: {note}")
+    assert hits(conversation[True]) > 3 * 60
+
+    shared = corpus[:100]
+    crowd = [GenerateRequest(f"p{i}", shared + corpus[500 + 23 * i :][: 8 + 4 * i], 16) for i in range(6)]
+    preempting = compare(crowd, num_kv_blocks=14, max_batch_tokens=128)
+    assert preempting.scheduler.total_preemptions > 0 and hits(preempting) > 0
+
+    long_prefix = corpus[:400]
+    chunked = [GenerateRequest(f"c{i}", long_prefix + corpus[700 + 11 * i :][: 5 + i], 8) for i in range(4)]
+    assert hits(compare(chunked, max_batch_tokens=64)) == 3 * 400

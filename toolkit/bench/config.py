@@ -6,7 +6,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-SYSTEMS = ("toolkit", "toolkit-inprocess", "hf-sequential", "hf-static", "hf-cb")
+SYSTEMS = ("toolkit", "toolkit-inprocess", "hf-sequential", "hf-static", "hf-cb")  # the default set
+EXTRA_SYSTEMS = ("toolkit-no-cache",)  # on request: the worker with prefix caching off, beside `toolkit`
+KNOWN_SYSTEMS = SYSTEMS + EXTRA_SYSTEMS
 
 
 @dataclass(slots=True)
@@ -20,6 +22,8 @@ class BenchConfig:
     device: str = "cpu"
     seed: int = 0
     model: str = "smollm2-135m-instruct"
+    prefix_len: int = 512  # shared-prefix workload: tokens of the system prompt every request starts with
+    prefix_cache: bool = True  # toolkit and toolkit-inprocess: automatic prefix caching
     request_rate: float = math.inf
     max_concurrency: int | None = None
     out: str = "bench-results"
@@ -45,7 +49,7 @@ class BenchConfig:
     @property
     def stem(self) -> str:
         """File name stem of the results: one file set per workload, mode and dtype; a rerun replaces it."""
-        return f"{self.workload}-{self.mode}-{self.dtype}"
+        return f"{self.workload}-{self.mode}-{self.dtype}" + ("" if self.prefix_cache else "-no-prefix-cache")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -11,12 +11,13 @@ from typing import Any
 from .config import BenchConfig
 from .records import SystemRun
 from .systems_hf import run_hf_cb, run_hf_sequential, run_hf_static
-from .systems_toolkit import run_toolkit, run_toolkit_inprocess
+from .systems_toolkit import run_toolkit, run_toolkit_inprocess, run_toolkit_no_cache
 from .workloads import BenchRequest
 
 RUNNERS: dict[str, Callable[[BenchConfig, Sequence[BenchRequest]], SystemRun]] = {
     "toolkit": run_toolkit,
     "toolkit-inprocess": run_toolkit_inprocess,
+    "toolkit-no-cache": run_toolkit_no_cache,
     "hf-sequential": run_hf_sequential,
     "hf-static": run_hf_static,
     "hf-cb": run_hf_cb,
