@@ -464,3 +464,20 @@ def test_smollm2_prefix_cache_matches_no_cache(smol: tuple[Any, Any], corpus: li
     long_prefix = corpus[:400]
     chunked = [GenerateRequest(f"c{i}", long_prefix + corpus[700 + 11 * i :][: 5 + i], 8) for i in range(4)]
     assert hits(compare(chunked, max_batch_tokens=64)) == 3 * 400
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefix_cache_on_cuda_matches_no_cache() -> None:
+    model = models.build_tiny_llama().eval().to("cuda", torch.float32)
+    system = _random_tokens(100, 21)
+    reqs = [GenerateRequest(f"g{i}", system + _random_tokens(5 + i, 400 + i), 10, ignore_eos=True) for i in range(16)]
+    outputs = {}
+    for caching in (False, True):
+        engine = Engine(_settings(models.TINY_MODEL, device="cuda", num_kv_blocks=128, block_size=8,
+                                  max_batch_tokens=512, enable_prefix_caching=caching), model=model, tokenizer=None)
+        outputs[caching] = engine.generate(reqs)
+        hits = sum(m.cached_tokens for m in engine.pop_request_metrics())
+        assert hits == (15 * 96 if caching else 0)
+    for r in reqs:
+        assert _assert_parity(model, r.prompt_token_ids, outputs[True][r.request_id],
+                              outputs[False][r.request_id]) is None
