@@ -11,7 +11,7 @@ import pytest
 
 from toolkit import models
 from toolkit.bench import SYSTEMS, main
-from toolkit.bench.cli import write_outputs
+from toolkit.bench.cli import parse_config, write_outputs
 from toolkit.bench.config import BenchConfig
 from toolkit.bench.drivers import drive_async, drive_steps
 from toolkit.bench.records import RequestRecord, SystemRun
@@ -188,3 +188,38 @@ def test_a_fractional_request_rate_keeps_the_whole_file_name(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "random-poisson-2.5rps-float32.json", "random-poisson-2.5rps-float32.md",
     ]
+
+
+def test_shared_prefix_workload_shares_exactly_the_prefix(tokenizer) -> None:
+    a = build_workload(tokenizer, "shared-prefix", 20, (1, 1), (8, 32), seed=5, prefix_len=100)
+    b = build_workload(tokenizer, "shared-prefix", 20, (1, 1), (8, 32), seed=5, prefix_len=100)
+    assert [r.prompt_ids for r in a] == [r.prompt_ids for r in b]
+    prefix = a[0].prompt_ids[:100]
+    assert all(r.prompt_ids[:100] == prefix and 16 <= len(r.prompt_ids) - 100 <= 64 for r in a)
+    assert len({tuple(r.prompt_ids[100:]) for r in a}) == 20 and all(8 <= r.output_len <= 32 for r in a)
+    assert not set(tokenizer.all_special_ids) & {t for r in a for t in r.prompt_ids}
+
+
+def test_prefix_cache_flags_parse() -> None:
+    cfg = parse_config(["--workload", "shared-prefix", "--prefix-len", "64", "--no-prefix-cache",
+                        "--systems", "toolkit,toolkit-no-cache,hf-cb"])
+    assert (cfg.workload, cfg.prefix_len, cfg.prefix_cache) == ("shared-prefix", 64, False)
+    assert cfg.systems == ("toolkit", "toolkit-no-cache", "hf-cb") and cfg.stem.endswith("-no-prefix-cache")
+    assert parse_config([]).prefix_cache is True and parse_config([]).prefix_len == 512
+    with pytest.raises(SystemExit):
+        parse_config(["--prefix-len", "0"])
+
+
+@pytest.mark.timeout(240)
+def test_shared_prefix_run_shows_the_cache_beside_no_cache(tmp_path) -> None:
+    argv = ["--model", "tiny-random-llama", "--workload", "shared-prefix", "--prefix-len", "96", "--num-requests", "4",
+            "--output-len", "3:6", "--systems", "toolkit,toolkit-no-cache,toolkit-inprocess", "--kv-cache-gib", "0.02",
+            "--threads", "1", "--no-plot", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "shared-prefix-offline-float32.json").read_text())
+    systems = data["systems"]
+    # 4 requests of 96 + 16..64 tokens, 16-token blocks, a cold cache: the last 3 find the 6 prefix blocks
+    for name in ("toolkit", "toolkit-inprocess"):
+        assert systems[name]["prefix_hit_rate"] == pytest.approx(3 * 96 / data["workload"]["prompt_tokens"]), name
+    assert math.isnan(systems["toolkit-no-cache"]["prefix_hit_rate"])
+    assert "prefix hits" in (tmp_path / "shared-prefix-offline-float32.md").read_text()

@@ -154,6 +154,160 @@ def test_engine_signature_accepts_a_loaded_model() -> None:
     assert params["tokenizer"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
+# ---- prefix caching: the same greedy tokens with and without the cache --------------------------------------
+
+
+def _tiny_engine(tiny: tuple[Any, Any], caching: bool, **overrides: Any) -> Engine:
+    settings = {"num_kv_blocks": 128, "block_size": 8, "max_batch_tokens": 256, **overrides}
+    return Engine(_settings(models.TINY_MODEL, enable_prefix_caching=caching, **settings), model=tiny[0],
+                  tokenizer=tiny[1])
+
+
+def _random_tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 49000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _run_logged(engine: Engine, reqs: list[GenerateRequest]) -> tuple[dict[str, list[int]], list[StepMetrics]]:
+    """engine.generate, keeping every step's metrics."""
+    outputs: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    for r in reqs:
+        engine.add(r)
+    steps = []
+    while engine.has_work:
+        deltas, metrics = engine.step()
+        steps.append(metrics)
+        for d in deltas:
+            outputs[d.request_id].extend(d.token_ids)
+    return outputs, steps
+
+
+def _with_and_without(tiny: tuple[Any, Any], reqs: list[GenerateRequest], **overrides: Any) -> tuple[
+        dict[str, list[int]], list[StepMetrics], Engine]:
+    """Run `reqs` on a cached and an uncached engine; assert the same tokens; return the cached run."""
+    want, plain_steps = _run_logged(_tiny_engine(tiny, False, **overrides), reqs)
+    engine = _tiny_engine(tiny, True, **overrides)
+    got, steps = _run_logged(engine, reqs)
+    for r in reqs:
+        assert _assert_parity(tiny[0], r.prompt_token_ids, got[r.request_id], want[r.request_id]) is None
+    assert not any(m.prefix_cache_queries for m in plain_steps)
+    assert engine.blocks.num_used_blocks == 0
+    engine.blocks.check([])
+    return got, steps, engine
+
+
+def test_prefix_cache_shared_system_prompt_16_turns_together(tiny: tuple[Any, Any]) -> None:
+    system = _random_tokens(100, 1)
+    reqs = [GenerateRequest(f"u{i}", system + _random_tokens(5 + i, 100 + i), 10, ignore_eos=True)
+            for i in range(16)]
+    _, steps, engine = _with_and_without(tiny, reqs, max_batch_tokens=512)
+    cached = {m.request_id: m.cached_tokens for m in engine.pop_request_metrics()}
+    assert cached["u0"] == 0 and all(cached[f"u{i}"] == 96 for i in range(1, 16))  # 12 full blocks of the 100
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in reqs)
+    assert sum(m.prefix_cache_hits for m in steps) == 15 * 96
+    assert sum(m.prefix_cache_queries for m in steps) == prompt_tokens
+    # one step admits all 16: the first computes the system prompt, the others read it in that very step
+    assert steps[0].batch_size == 16 and steps[0].prefill_tokens == prompt_tokens - 15 * 96
+
+
+def test_prefix_cache_multi_turn_conversation_resent_turn_by_turn(tiny: tuple[Any, Any]) -> None:
+    engines = {flag: _tiny_engine(tiny, flag) for flag in (False, True)}
+    history = {flag: _random_tokens(30, 7) for flag in (False, True)}
+    for turn in range(5):
+        user = _random_tokens(6 + turn, 50 + turn)
+        outs = {}
+        for flag, engine in engines.items():
+            prompt = history[flag] + user
+            outs[flag] = engine.generate([GenerateRequest(f"t{turn}", prompt, 9, ignore_eos=True)])[f"t{turn}"]
+            history[flag] = prompt + outs[flag]
+        assert _assert_parity(tiny[0], history[False][: -len(outs[False])], outs[True], outs[False]) is None
+        (metrics,) = engines[True].pop_request_metrics()
+        previous = len(history[True]) - len(outs[True]) - len(user)  # the last turn's prompt + all but its last token
+        if turn:
+            assert metrics.cached_tokens == (previous - 1) // 8 * 8, "the blocks filled while decoding hit too"
+        else:
+            assert metrics.cached_tokens == 0
+
+
+def test_prefix_cache_under_preemption_on_a_tiny_kv_cache(tiny: tuple[Any, Any]) -> None:
+    system = _random_tokens(40, 3)
+    reqs = [GenerateRequest(f"p{i}", system + _random_tokens(4 + 3 * i, 200 + i), 12, ignore_eos=True)
+            for i in range(6)]
+    _, steps, engine = _with_and_without(tiny, reqs, num_kv_blocks=14, max_batch_tokens=64)  # 112 token slots
+    assert engine.scheduler.total_preemptions > 0 and sum(m.preemptions for m in steps) > 0
+    assert sum(m.prefix_cache_hits for m in steps) > 0
+
+
+def test_prefix_cache_chunked_prefill_of_a_long_shared_prefix(tiny: tuple[Any, Any]) -> None:
+    system = _random_tokens(300, 4)
+    reqs = [GenerateRequest(f"c{i}", system + _random_tokens(3 + i, 300 + i), 8, ignore_eos=True)
+            for i in range(4)]
+    _, steps, engine = _with_and_without(tiny, reqs, max_batch_tokens=48)
+    cached = {m.request_id: m.cached_tokens for m in engine.pop_request_metrics()}
+    assert cached["c0"] == 0 and [cached[f"c{i}"] for i in (1, 2, 3)] == [296, 296, 296]
+    assert all(m.prefill_tokens + m.decode_tokens <= 48 for m in steps)
+    computed = sum(m.prefill_tokens for m in steps) + sum(m.decode_tokens for m in steps)
+    total = sum(len(r.prompt_token_ids) + 8 - 1 for r in reqs)
+    assert computed == total - 3 * 296  # hit tokens + computed tokens = every token, across the chunks
+
+
+def test_prefix_cache_prompt_of_whole_blocks_and_deltas(tiny: tuple[Any, Any]) -> None:
+    engine = _tiny_engine(tiny, True)
+    prompt = _random_tokens(32, 9)  # exactly 4 blocks: the second run hits 3 and recomputes the last
+    first = engine.generate([GenerateRequest("a", prompt, 4, ignore_eos=True)])["a"]
+    engine.add(GenerateRequest("b", prompt, 4, ignore_eos=True))
+    deltas, metrics = engine.step()
+    assert (metrics.prefix_cache_queries, metrics.prefix_cache_hits, metrics.prefill_tokens) == (32, 24, 8)
+    assert metrics.kv_blocks_cached == 4 and deltas[0].num_cached_tokens == 24
+    later = []
+    while engine.has_work:
+        step_deltas, _ = engine.step()
+        later += step_deltas
+    assert [d.num_cached_tokens for d in later] == [0, 0, 0]  # only the first token's delta says it
+    assert deltas[0].token_ids + [t for d in later for t in d.token_ids] == first
+
+
+def test_reset_prefix_cache_refused_while_busy(tiny: tuple[Any, Any]) -> None:
+    from toolkit.errors import PrefixCacheBusyError
+
+    engine = _tiny_engine(tiny, True)
+    prompt = _random_tokens(40, 11)
+    engine.generate([GenerateRequest("a", prompt, 2)])
+    engine.add(GenerateRequest("b", prompt, 50, ignore_eos=True))
+    engine.step()
+    with pytest.raises(PrefixCacheBusyError, match="1 requests run"):
+        engine.reset_prefix_cache()
+    engine.cancel(["b"])
+    engine.add(GenerateRequest("w", [5, 6], 2))  # waiting, holding no blocks: still refused
+    with pytest.raises(PrefixCacheBusyError, match="1 wait"):
+        engine.reset_prefix_cache()
+    engine.cancel(["w"])
+    assert engine.reset_prefix_cache() == 5 and engine.blocks.num_cached_blocks == 0
+    engine.add(GenerateRequest("c", prompt, 2))
+    _, metrics = engine.step()
+    assert metrics.prefix_cache_hits == 0 and metrics.prefix_cache_queries == 40
+    assert _tiny_engine(tiny, False).reset_prefix_cache() == 0
+
+
+def test_abort_all_forgets_the_prefix_cache(tiny: tuple[Any, Any]) -> None:
+    engine = _tiny_engine(tiny, True)
+    engine.add(GenerateRequest("a", _random_tokens(40, 12), 20))
+    engine.step()
+    assert engine.blocks.num_cached_blocks == 5
+    engine.abort_all()  # after a failed step: cached blocks may hold K/V that was never written
+    assert engine.blocks.num_cached_blocks == 0 and engine.blocks.num_used_blocks == 0
+
+
+def test_per_request_opt_out_and_salt(tiny: tuple[Any, Any]) -> None:
+    engine = _tiny_engine(tiny, True)
+    prompt = _random_tokens(40, 13)
+    engine.generate([GenerateRequest("a", prompt, 2)])
+    engine.generate([GenerateRequest("opt-out", prompt, 2, use_prefix_cache=False),
+                     GenerateRequest("salted", prompt, 2, cache_salt="tenant")])
+    engine.generate([GenerateRequest("salted-again", prompt, 2, cache_salt="tenant")])
+    cached = {m.request_id: m.cached_tokens for m in engine.pop_request_metrics()}
+    assert cached == {"a": 0, "opt-out": 0, "salted": 0, "salted-again": 32}
+
+
 # ---- slow: the embedded SmolLM2-135M ---------------------------------------------------------------
 
 MAX_NEW = 16
@@ -279,3 +433,71 @@ def test_an_in_process_engine_leaves_torch_threads_alone(engine_model: tuple[Any
         assert torch.get_num_threads() == wanted
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_smollm2_prefix_cache_matches_no_cache(smol: tuple[Any, Any], corpus: list[int]) -> None:
+    """The four exactness scenarios on the embedded model in float32, with the near-tie rule of the parity tests."""
+
+    def engine(caching: bool, **overrides: Any) -> Engine:
+        settings = {"num_kv_blocks": 200, "max_batch_tokens": 512, **overrides}
+        return Engine(_settings(models.DEFAULT_MODEL, enable_prefix_caching=caching, **settings), model=smol[0],
+                      tokenizer=smol[1])
+
+    def compare(reqs: list[GenerateRequest], **overrides: Any) -> Engine:
+        want = engine(False, **overrides).generate(reqs)
+        cached = engine(True, **overrides)
+        got = cached.generate(reqs)
+        for r in reqs:
+            note = _assert_parity(smol[0], r.prompt_token_ids, got[r.request_id], want[r.request_id])
+            if note:
+                print(f"{r.request_id}: {note}")
+        return cached
+
+    def hits(e: Engine) -> int:
+        return sum(m.cached_tokens for m in e.pop_request_metrics())
+
+    system = corpus[:200]
+    turns = [GenerateRequest(f"u{i}", system + corpus[300 + 37 * i :][: 10 + 2 * i], 8) for i in range(16)]
+    assert hits(compare(turns)) == 15 * 192
+
+    history: dict[bool, list[int]] = {False: corpus[900:960], True: corpus[900:960]}
+    conversation = {flag: engine(flag) for flag in (False, True)}
+    for turn in range(4):
+        user = corpus[1000 + 40 * turn :][:20]
+        outs = {}
+        for flag, e in conversation.items():
+            prompt = history[flag] + user
+            outs[flag] = e.generate([GenerateRequest(f"t{turn}", prompt, 8)])[f"t{turn}"]
+            history[flag] = prompt + outs[flag]
+        note = _assert_parity(smol[0], history[False][: -len(outs[False])], outs[True], outs[False])
+        if note:
+            print(f"turn {turn}: {note}")
+    assert hits(conversation[True]) > 3 * 60
+
+    shared = corpus[:100]
+    crowd = [GenerateRequest(f"p{i}", shared + corpus[500 + 23 * i :][: 8 + 4 * i], 16) for i in range(6)]
+    preempting = compare(crowd, num_kv_blocks=14, max_batch_tokens=128)
+    assert preempting.scheduler.total_preemptions > 0 and hits(preempting) > 0
+
+    long_prefix = corpus[:400]
+    chunked = [GenerateRequest(f"c{i}", long_prefix + corpus[700 + 11 * i :][: 5 + i], 8) for i in range(4)]
+    assert hits(compare(chunked, max_batch_tokens=64)) == 3 * 400
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefix_cache_on_cuda_matches_no_cache() -> None:
+    model = models.build_tiny_llama().eval().to("cuda", torch.float32)
+    system = _random_tokens(100, 21)
+    reqs = [GenerateRequest(f"g{i}", system + _random_tokens(5 + i, 400 + i), 10, ignore_eos=True) for i in range(16)]
+    outputs = {}
+    for caching in (False, True):
+        engine = Engine(_settings(models.TINY_MODEL, device="cuda", num_kv_blocks=128, block_size=8,
+                                  max_batch_tokens=512, enable_prefix_caching=caching), model=model, tokenizer=None)
+        outputs[caching] = engine.generate(reqs)
+        hits = sum(m.cached_tokens for m in engine.pop_request_metrics())
+        assert hits == (15 * 96 if caching else 0)
+    for r in reqs:
+        assert _assert_parity(model, r.prompt_token_ids, outputs[True][r.request_id],
+                              outputs[False][r.request_id]) is None

@@ -67,6 +67,9 @@ BAD_PARAMS = [
     ({"stop": ""}, "stop"),
     ({"stop": [None]}, "stop"),
     ({"ignore_eos": "yes"}, "ignore_eos"),
+    ({"cache_salt": ""}, "cache_salt"),
+    ({"cache_salt": 7}, "cache_salt"),
+    ({"prefix_cache": "no"}, "prefix_cache"),
 ]
 
 
@@ -339,3 +342,60 @@ def test_a_raising_callback_does_not_break_the_worker_handle(tiny_pipe) -> None:
     handle = tiny_pipe.submit("robust", max_new_tokens=4, ignore_eos=True, on_chunk=boom)
     assert len(handle.wait(timeout_s=30).token_ids) == 4
     still_serves(tiny_pipe)
+
+
+# ---- prefix caching through the worker ----------------------------------------------------------------
+
+LONG = "The quick brown fox jumps over the lazy dog while the cat watches from the old stone wall. " * 3
+
+
+def test_repeated_prompt_reports_cached_tokens(tiny_pipe) -> None:
+    wait_idle(tiny_pipe)
+    tiny_pipe.worker.reset_prefix_cache()
+    first = tiny_pipe.generate(LONG, max_new_tokens=4, ignore_eos=True)
+    again = tiny_pipe.generate(LONG, max_new_tokens=4, ignore_eos=True)
+    block = tiny_pipe.worker.info.block_size
+    assert first.cached_tokens == 0 and again.cached_tokens == (first.prompt_tokens - 1) // block * block > 0
+    assert again.token_ids == first.token_ids
+    assert tiny_pipe.generate(LONG, max_new_tokens=4, ignore_eos=True, prefix_cache=False).cached_tokens == 0
+    assert tiny_pipe.generate(LONG, max_new_tokens=4, ignore_eos=True, cache_salt="tenant-a").cached_tokens == 0
+    ids = {first.request_id, again.request_id}
+    deadline = time.monotonic() + 10
+    while not ids <= set(tiny_pipe.worker.metrics.requests().request_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reqs = tiny_pipe.worker.metrics.requests().set_index("request_id")
+    assert reqs.loc[again.request_id, "cached_tokens"] == again.cached_tokens
+    assert reqs.loc[first.request_id, "cached_tokens"] == 0
+
+
+def test_reset_prefix_cache_is_refused_while_a_request_runs(tiny_pipe) -> None:
+    from toolkit.errors import PrefixCacheBusyError
+
+    wait_idle(tiny_pipe)
+    tiny_pipe.generate(LONG, max_new_tokens=2)
+    stream = tiny_pipe.stream("go on forever", max_new_tokens=2000, ignore_eos=True)
+    next(iter(stream))
+    with pytest.raises(PrefixCacheBusyError, match="requests run"):
+        tiny_pipe.worker.reset_prefix_cache(timeout_s=10)
+    stream.close()  # the cancel travels ahead of the next reset, so the worker is idle when it reads it
+    assert tiny_pipe.worker.reset_prefix_cache(timeout_s=10) > 0
+    assert tiny_pipe.worker.reset_prefix_cache(timeout_s=10) == 0
+    assert tiny_pipe.generate(LONG, max_new_tokens=2).cached_tokens == 0
+
+
+def test_an_engine_without_a_prefix_cache_refuses_the_reset() -> None:
+    from toolkit.settings import Settings
+    from toolkit.worker.process import WorkerLoop
+
+    loop = WorkerLoop(engine=object(), queue=None, settings=Settings(), parent_pid=0)  # type: ignore[arg-type]
+    reply = loop.reset_prefix_cache("r1")
+    assert (reply.id, reply.error_type, reply.blocks_cleared) == ("r1", "InvalidRequestError", 0)
+    assert "no prefix cache" in reply.message
+
+
+def test_reset_on_a_worker_never_started_says_so() -> None:
+    from toolkit import ModelWorker
+    from toolkit.errors import WorkerNotRunningError
+
+    with pytest.raises(WorkerNotRunningError, match="not started"):
+        ModelWorker().reset_prefix_cache()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -73,7 +74,9 @@ def _check_mixed_steps(model: torch.nn.Module, vocab: int, atol: float) -> None:
     groups), a last 1-token prompt chunk, and a chunk over a cached prefix."""
     rng = random.Random(0)
     blocks = BlockManager(64, BLOCK)
-    rng.shuffle(blocks.free_blocks)  # non-contiguous block tables
+    order = list(blocks.free_queue)
+    rng.shuffle(order)
+    blocks.free_queue = OrderedDict.fromkeys(order)  # non-contiguous block tables
     reference = copy.deepcopy(model)  # plain HF: the runner switches `model` to its attention for good
     runner = ModelRunner(model, num_blocks=64, block_size=BLOCK, device=model.device, dtype=torch.float32)
     prompts = {"a": 7, "b": 13, "c": 22, "d": 9, "e": 2}

@@ -10,7 +10,7 @@ import zlib
 from collections.abc import Callable
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from toolkit.engine.block_manager import BlockManager
@@ -33,8 +33,10 @@ def req(rid: str, prompt_len: int, max_new: int = 8, **kw: object) -> GenerateRe
 
 
 def make(num_blocks: int = 64, block_size: int = 4, *, max_batch_size: int = 8, max_batch_tokens: int = 64,
-         max_model_len: int = 256) -> TokenGenerationScheduler:
-    return TokenGenerationScheduler(BlockManager(num_blocks, block_size), max_batch_size=max_batch_size,
+         max_model_len: int = 256, caching: bool = False) -> TokenGenerationScheduler:
+    """Prefix caching off unless asked for: every `req` prompt starts alike, so hits would change these shapes."""
+    blocks = BlockManager(num_blocks, block_size, enable_caching=caching)
+    return TokenGenerationScheduler(blocks, max_batch_size=max_batch_size,
                                     max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,
                                     eos_token_ids=[EOS])
 
@@ -376,7 +378,108 @@ def test_repr_shows_queues_and_blocks() -> None:
     assert repr(ScheduledSequence(sched.running[0], 5, 1)) == "r0[5:6/6 decode]"
 
 
-# ---- property tests: random arrivals, cancels and a small cache ------------------------------------
+# ---- prefix caching -------------------------------------------------------------------------------
+
+
+def test_shared_prefix_is_computed_once() -> None:
+    sched = make(num_blocks=16, block_size=4, caching=True)
+    a = sched.add(req("a", 10, max_new=3))
+    out, _ = step(sched)
+    assert shape(out) == [("a", 0, 10)] and out.num_cache_queries == 10 and out.num_cache_hits == 0
+    b = sched.add(req("b", 11, max_new=2))  # the same first 10 tokens: blocks 0 and 1 are full and cached
+    out, _ = step(sched)
+    assert shape(out) == [("a", 10, 1), ("b", 8, 3)] and (out.num_cache_queries, out.num_cache_hits) == (11, 8)
+    assert b.block_table[:2] == a.block_table[:2] and b.num_cached_tokens == 8 and a.num_cached_tokens == 0
+    assert [sched.blocks.blocks[i].ref_cnt for i in a.block_table] == [2, 2, 1]
+    sched.blocks.check([a, b])
+    run_to_end(sched)
+    assert b.output_token_ids == expected_outputs(b, 2) and a.output_token_ids == expected_outputs(a, 3)
+    sched.blocks.check([])
+
+
+def test_requests_admitted_in_one_step_share_blocks_filled_in_that_step() -> None:
+    sched = make(num_blocks=16, block_size=4, caching=True)
+    a, b = sched.add(req("a", 9)), sched.add(req("b", 9))
+    out, _ = step(sched)
+    assert shape(out) == [("a", 0, 9), ("b", 8, 1)] and b.block_table[:2] == a.block_table[:2]
+    assert out.num_cache_hits == 8
+
+
+def test_prompt_of_whole_blocks_recomputes_its_last_block() -> None:
+    sched = make(num_blocks=16, block_size=4, caching=True)
+    a = sched.add(req("a", 8, max_new=1))
+    run_to_end(sched)
+    b = sched.add(req("b", 8, max_new=1))
+    out, _ = step(sched)
+    assert shape(out) == [("b", 4, 4)] and b.num_cached_tokens == 4  # never a hit of all 8: logits need token 7
+    assert a.finish_reason == b.finish_reason == "length"
+
+
+def test_cache_salt_and_opt_out_keep_requests_apart() -> None:
+    sched = make(num_blocks=32, block_size=4, caching=True)
+    sched.add(req("a", 9, max_new=1))
+    run_to_end(sched)
+    salted = sched.add(req("s", 9, max_new=1, cache_salt="tenant-1"))
+    out, _ = step(sched)
+    assert shape(out) == [("s", 0, 9)] and salted.num_cached_tokens == 0
+    again = sched.add(req("s2", 9, max_new=1, cache_salt="tenant-1"))
+    opted_out = sched.add(req("o", 9, max_new=1, use_prefix_cache=False))
+    out, _ = step(sched)
+    assert shape(out) == [("s2", 8, 1), ("o", 0, 9)] and again.num_cached_tokens == 8
+    assert (out.num_cache_queries, out.num_cache_hits) == (9, 8)  # the opted-out request looked nothing up
+    cached_before = set(sched.blocks.cached.values())
+    assert not cached_before & set(opted_out.block_table)  # and offered nothing
+
+
+def test_preempted_request_finds_its_own_blocks() -> None:
+    sched = make(num_blocks=6, block_size=2, caching=True)
+    a = sched.add(req("a", 5, max_new=3))
+    b = sched.add(GenerateRequest("b", [900 + i for i in range(5)], 6))
+    step(sched)
+    step(sched)
+    assert (a.block_table, b.block_table) == ([0, 1, 2], [3, 4, 5]) and sched.blocks.num_free_blocks == 0
+    out, finished = step(sched)  # a's position 6 needs a 4th block: b, the newest, goes
+    assert out.preempted == ["b"] and shape(out) == [("a", 6, 1)] and finished == [a]
+    assert b.num_tokens == 7 and len(b.block_hashes) == 3  # its 3 blocks were full, and stay cached while free
+    assert list(sched.blocks.free_queue) == [4, 3, 5, 2, 1, 0]  # b's last block went to a; then a's, last first
+    out, _ = step(sched)
+    assert shape(out) == [("b", 4, 3)] and b.block_table == [3, 4, 5, 2]  # its own first two blocks were left
+    assert (out.num_cache_queries, out.num_cache_hits) == (7, 4) and b.num_cached_tokens == 0  # not first admission
+    assert sched.blocks.num_evictions == 2  # b's third block (now a's fourth), then a's third (now b's fourth)
+    run_to_end(sched)
+    assert b.output_token_ids == expected_outputs(b, 6)
+
+
+def test_decode_filled_blocks_are_cached_for_the_next_turn() -> None:
+    sched = make(num_blocks=32, block_size=4, caching=True)
+    turn1 = sched.add(req("t1", 6, max_new=7))
+    run_to_end(sched)
+    history = turn1.token_ids  # 13 tokens; the last sampled one was never computed
+    turn2 = sched.add(GenerateRequest("t2", [*history, 77, 78, 79], 2))
+    out, _ = step(sched)
+    assert shape(out) == [("t2", 12, 4)] and turn2.num_cached_tokens == 12
+
+
+def test_failed_admission_leaves_the_hits_alone() -> None:
+    sched = make(num_blocks=4, block_size=2, caching=True)
+    sched.add(req("a", 5, max_new=1))
+    run_to_end(sched)  # a's blocks [0, 1, 2] freed last first: queue [3, 2, 1, 0]; 0 and 1 are full and cached
+    x = sched.add(GenerateRequest("x", [500, 501, 502], 2))
+    step(sched)
+    assert x.block_table == [3, 2] and list(sched.blocks.free_queue) == [1, 0]
+    b = sched.add(req("b", 8, max_new=2))
+    assert sched.blocks.lookup(b) == [0, 1] and not sched.blocks.can_allocate(b, 4, [0, 1])  # 2 hits + 2 new > 2
+    out, finished = step(sched)
+    assert shape(out) == [("x", 3, 1)] and finished == [x] and out.num_cache_queries == 0
+    assert b.status is SequenceStatus.WAITING and not b.block_table and b.num_computed_tokens == 0
+    assert [sched.blocks.blocks[i].ref_cnt for i in (0, 1)] == [0, 0]
+    assert list(sched.blocks.free_queue) == [1, 0, 2, 3]  # the hits were neither taken nor moved
+    sched.blocks.check([b])
+    out, _ = step(sched)  # x has finished: b comes in on its hits (and fills the whole cache: "length")
+    assert shape(out) == [("b", 4, 4)] and out.num_cache_hits == 4 and b.num_cached_tokens == 4
+
+
+# ---- property tests: random arrivals, cancels, shared prefixes and a small cache ---------------------
 
 
 @st.composite
@@ -388,10 +491,14 @@ def scenarios(draw: st.DrawFn) -> dict:
         "max_batch_tokens": draw(st.integers(1, 12)),
         "max_model_len": draw(st.integers(2, 40)),
         "eos_rate": draw(st.sampled_from([0, 0, 4, 9])),  # 0: the fake model never says EOS
+        "caching": draw(st.sampled_from([True, True, False])),
         "requests": draw(st.lists(
             st.fixed_dictionaries({
                 "arrival": st.integers(0, 15),
                 "prompt_len": st.integers(0, 24),
+                "family": st.integers(0, 1),  # prompts of one family share their first tokens
+                "salt": st.sampled_from([None, None, "t1"]),
+                "opt_out": st.sampled_from([False, False, False, True]),
                 "max_new": st.integers(1, 12),
                 "ignore_eos": st.booleans(),
                 "stop": st.booleans(),
@@ -418,6 +525,7 @@ def check_output(sched: TokenGenerationScheduler, out: SchedulerOutput, had_work
     assert out.num_prefill_tokens + out.num_decode_tokens <= sched.max_batch_tokens
     assert len(out.scheduled) <= sched.max_batch_size and sched.num_running <= sched.max_batch_size
     assert len({id(s.seq) for s in out.scheduled}) == len(out.scheduled)
+    assert 0 <= out.num_cache_hits <= out.num_cache_queries and (blocks.enable_caching or not out.num_cache_queries)
     kinds = [s.is_prefill for s in out.scheduled]
     assert kinds == sorted(kinds), "a decode after a prefill"
     for s in out.scheduled:
@@ -426,6 +534,28 @@ def check_output(sched: TokenGenerationScheduler, out: SchedulerOutput, had_work
         assert len(s.seq.block_table) == blocks.blocks_for_tokens(s.start + s.num_tokens)
     for rid in out.preempted:
         assert sched.get(rid).status is SequenceStatus.WAITING
+
+
+class FakeKV:
+    """What the runner would leave in each cache slot: the token prefix whose K/V it holds."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.slots: dict[int, tuple[int, ...]] = {}
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def execute(self, out: SchedulerOutput) -> None:
+        """Write every scheduled token, then check each sequence attends only to its own prefix's K/V."""
+        for s in out.scheduled:
+            for p in range(s.start, s.start + s.num_tokens):
+                self.slots[self.slot(s.seq, p)] = tuple(s.seq.token_ids[: p + 1])
+        for s in out.scheduled:
+            for p in range(s.start + s.num_tokens):
+                assert self.slots.get(self.slot(s.seq, p)) == tuple(s.seq.token_ids[: p + 1]), (
+                    f"{s.seq.request_id} reads stale or foreign K/V at position {p}"
+                )
 
 
 def check_state(sched: TokenGenerationScheduler) -> None:
@@ -441,6 +571,8 @@ def check_state(sched: TokenGenerationScheduler) -> None:
 def check_finished(seq: Sequence, spec: dict, sched: TokenGenerationScheduler, eos_rate: int) -> None:
     outputs = seq.output_token_ids
     assert seq.status is SequenceStatus.FINISHED and not seq.block_table
+    assert seq.num_cached_tokens % sched.blocks.block_size == 0 and seq.num_cached_tokens < seq.num_prompt_tokens
+    assert seq.num_cached_tokens == 0 or (sched.blocks.enable_caching and not spec.get("opt_out"))
     stops = {STOP} if spec["stop"] else set()
     stops |= set() if spec["ignore_eos"] else {EOS}
     assert not stops & set(outputs[:-1]), "kept going after a stop token"
@@ -457,10 +589,21 @@ def check_finished(seq: Sequence, spec: dict, sched: TokenGenerationScheduler, e
     assert len(outputs) == room
 
 
-def simulate(sc: dict) -> int:
-    """Run the scenario to the end, checking invariants after every step; returns the number of steps."""
+def scenario_request(rid: str, spec: dict) -> GenerateRequest:
+    # Two-letter prompts: equal blocks behind different prefixes are common, so a hash that forgot its parent would
+    # hand out foreign K/V (FakeKV catches that).
+    prompt = [2 + fake_token(f"family{spec.get('family', 0)}", i) % 2 for i in range(spec["prompt_len"])]
+    return GenerateRequest(rid, prompt, spec["max_new"], ignore_eos=spec["ignore_eos"],
+                           stop_token_ids=[STOP] if spec["stop"] else [], cache_salt=spec.get("salt"),
+                           use_prefix_cache=not spec.get("opt_out", False))
+
+
+def simulate(sc: dict) -> tuple[int, int]:
+    """Run the scenario to the end, checking invariants after every step; returns (steps, prefix-cache hit tokens)."""
     sched = make(sc["num_blocks"], sc["block_size"], max_batch_size=sc["max_batch_size"],
-                 max_batch_tokens=sc["max_batch_tokens"], max_model_len=sc["max_model_len"])
+                 max_batch_tokens=sc["max_batch_tokens"], max_model_len=sc["max_model_len"],
+                 caching=sc.get("caching", False))
+    kv = FakeKV(sc["block_size"])
     eos_rate = sc["eos_rate"]
     specs = {f"r{i}": spec for i, spec in enumerate(sc["requests"])}
     seqs: dict[str, Sequence] = {}
@@ -472,15 +615,14 @@ def simulate(sc: dict) -> int:
             if spec["cancel_at"] == t and spec["cancel_mid_step"] == mid_step and sched.cancel(rid) is not None:
                 cancelled.add(rid)
 
-    t = 0
+    t = hits = 0
     while t <= last_event or sched.has_work:
         assert t < 2000, "simulation did not end"
         for rid, spec in specs.items():
             if spec["arrival"] == t:
                 prompt = spec["prompt_len"]
                 refused = prompt == 0 or prompt >= sc["max_model_len"] or prompt > sched.blocks.capacity_tokens
-                r = req(rid, prompt, spec["max_new"], ignore_eos=spec["ignore_eos"],
-                        stop_token_ids=[STOP] if spec["stop"] else [])
+                r = scenario_request(rid, spec)
                 if refused:
                     with pytest.raises(InvalidRequestError):
                         sched.add(r)
@@ -490,6 +632,8 @@ def simulate(sc: dict) -> int:
         had_work = sched.has_work
         out = sched.schedule()
         check_output(sched, out, had_work)
+        hits += out.num_cache_hits
+        kv.execute(out)  # the engine runs the forward right after schedule(); cancels only come between steps
         cancels(t, mid_step=True)
         sampled = {s.seq.request_id: model_token(s.seq.request_id, s.seq.num_tokens, eos_rate)
                    for s in out.scheduled if s.samples}
@@ -498,34 +642,48 @@ def simulate(sc: dict) -> int:
         check_state(sched)
         t += 1
 
-    assert sched.blocks.num_free_blocks == sched.blocks.num_blocks and not sched.blocks.owners
+    assert sched.blocks.num_free_blocks == sched.blocks.num_blocks
+    sched.blocks.check([])
     for rid, seq in seqs.items():
         check_finished(seq, specs[rid], sched, eos_rate)
         assert (seq.finish_reason == "cancelled") == (rid in cancelled)
-    return t
+    return t, hits
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_random_workloads_keep_invariants_and_finish(sc: dict) -> None:
-    simulate(sc)
+    _, hits = simulate(sc)
+    event(f"prefix cache hits: {'some' if hits else 'none'}")
 
 
 @settings(max_examples=25, deadline=None, database=None)
-@given(st.integers(0, 10_000))
-def test_heavy_load_on_a_tiny_cache_finishes(seed: int) -> None:
+@given(st.integers(0, 10_000), st.booleans())
+def test_heavy_load_on_a_tiny_cache_finishes(seed: int, caching: bool) -> None:
     """Many long requests at once on 6 blocks: lots of preemption, yet everything ends with full outputs."""
     import random
 
     rng = random.Random(seed)
     sc = {
         "block_size": 2, "num_blocks": 6, "max_batch_size": 4, "max_batch_tokens": 5, "max_model_len": 64,
-        "eos_rate": 0,
+        "eos_rate": 0, "caching": caching,
         "requests": [
-            {"arrival": rng.randint(0, 3), "prompt_len": rng.randint(1, 8), "max_new": rng.randint(1, 8),
-             "ignore_eos": False, "stop": False, "cancel_at": None, "cancel_mid_step": False}
+            {"arrival": rng.randint(0, 3), "prompt_len": rng.randint(1, 8), "family": rng.randint(0, 1),
+             "max_new": rng.randint(1, 8), "ignore_eos": False, "stop": False, "cancel_at": None,
+             "cancel_mid_step": False}
             for _ in range(12)
         ],
     }
-    steps = simulate(sc)
+    steps, hits = simulate(sc)
     assert steps < 400
+    event(f"prefix cache hits: {'some' if hits else 'none'}")
+
+
+def test_heavy_load_with_shared_prefixes_hits_and_evicts() -> None:
+    """One fixed heavy run: the property above does exercise hits, evictions and preemption together."""
+    spec = {"arrival": 0, "prompt_len": 7, "family": 0, "max_new": 6, "ignore_eos": False, "stop": False,
+            "cancel_at": None, "cancel_mid_step": False}
+    sc = {"block_size": 2, "num_blocks": 8, "max_batch_size": 4, "max_batch_tokens": 6, "max_model_len": 64,
+          "eos_rate": 0, "caching": True, "requests": [{**spec, "arrival": i // 3} for i in range(9)]}
+    _, hits = simulate(sc)
+    assert hits >= 6 * 8  # the 8 later requests each hit at least 3 blocks

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pandas as pd
 import pytest
@@ -262,7 +263,7 @@ def test_the_live_loop_ends_by_itself_when_the_worker_stops() -> None:
 def test_an_empty_log_draws_placeholders() -> None:
     fig = Dashboard(FakeWorker(device="cpu")).snapshot()  # type: ignore[arg-type]
     assert "0 steps" in fig.get_suptitle()
-    assert sum("no steps yet" in t.get_text() for ax in fig.axes for t in ax.texts) == 4
+    assert sum("no steps yet" in t.get_text() for ax in fig.axes for t in ax.texts) == 5
 
 
 def test_a_restart_is_marked_and_both_workers_bins_are_drawn() -> None:
@@ -291,6 +292,35 @@ def test_throughput_bins_conserve_tokens() -> None:
     assert rates.decode_tok_s.sum() * 0.5 == pytest.approx(steps.decode_tokens.sum())
     assert rates.index[1] - rates.index[0] == pytest.approx(0.5)
     assert panels.throughput(steps.iloc[:0]).empty
+
+
+def test_prefix_hit_rate_per_bin_and_since_start() -> None:
+    steps = pd.DataFrame({"t": [0.0, 0.2, 0.6, 1.1, 1.2], "prefix_cache_queries": [100, 0, 50, 0, 50],
+                          "prefix_cache_hits": [0, 0, 40, 0, 50]})
+    rates = panels.prefix_hit_rate(steps, bin_s=0.5)
+    assert list(rates.index) == pytest.approx([0.0, 0.5, 1.0])
+    assert rates.hit_rate.iloc[0] == 0.0 and rates.hit_rate.iloc[1] == 0.8 and rates.hit_rate.iloc[2] == 1.0
+    assert list(rates.cumulative) == pytest.approx([0.0, 40 / 150, 90 / 200])
+    idle = panels.prefix_hit_rate(steps.assign(prefix_cache_queries=0, prefix_cache_hits=0), bin_s=0.5)
+    assert idle.hit_rate.isna().all() and idle.cumulative.isna().all()  # nothing looked up: no rate, not 0 %
+
+
+def test_the_dashboard_draws_the_hit_rate_and_cached_blocks() -> None:
+    worker = FakeWorker(device="cpu")
+    rows = [msgspec.structs.replace(s, prefix_cache_queries=64, prefix_cache_hits=48 if i else 0, kv_blocks_cached=i)
+            for i, s in enumerate(fake_steps(20))]
+    worker.metrics.add(m.Metrics(sent_at=0.0, busy=True, steps=rows))
+    fig = Dashboard(worker).snapshot()  # type: ignore[arg-type]
+    (panel,) = [ax for ax in fig.axes if ax.get_title().startswith("Prefix cache hit rate")]
+    per_interval, since_start = panel.get_lines()
+    assert max(per_interval.get_ydata()) == 75.0 and 0 < since_start.get_ydata()[-1] < 75.0
+    (kv,) = [ax for ax in fig.axes if ax.get_title() == "KV-cache use and memory"]
+    assert [t.get_text() for t in kv.get_legend().get_texts()] == ["in use", "caching a prefix"]
+    assert worker.metrics.summary()["prefix_cache_hit_rate"] == pytest.approx(48 * 19 / (64 * 20))
+    plain = FakeWorker(device="cpu")
+    plain.metrics.add(m.Metrics(sent_at=0.0, busy=True, steps=fake_steps(5)))
+    texts = [t.get_text() for ax in Dashboard(plain).snapshot().axes for t in ax.texts]  # type: ignore[arg-type]
+    assert "no prefix-cache lookups" in texts and "prefix_cache_hit_rate" not in plain.metrics.summary()
 
 
 def test_occupancy_is_the_steps_batch_for_every_kind_in_summary_and_dashboard() -> None:

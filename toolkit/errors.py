@@ -62,3 +62,7 @@ class WorkerHungError(ToolkitError):
 
 class WorkerNotRunningError(ToolkitError):
     """A request was submitted to a worker that is stopped, failed or not started."""
+
+
+class PrefixCacheBusyError(ToolkitError):
+    """`reset_prefix_cache()` while requests are waiting or running: their blocks cannot be forgotten."""

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     num_kv_blocks: int | None = Field(None, gt=0, description="KV blocks to preallocate; None: sized from kv_cache_gib")
     kv_cache_gib: float = Field(0.5, gt=0, description="memory budget of the KV cache when num_kv_blocks is None")
     max_model_len: int | None = Field(None, gt=0, description="longest sequence; None: the model's own limit")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prompt prefixes already computed")
     max_queue_size: int = Field(1024, gt=0, description="requests outstanding at once before QueueFullError")
     num_threads: int | None = Field(None, gt=0, description="torch threads in the worker; None: torch's default")
     startup_timeout_s: float = Field(300.0, gt=0, description="how long the parent waits for Ready")

@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import OPTIONAL_SYSTEMS, SYSTEMS, BenchConfig
+from .config import KNOWN_SYSTEMS, BenchConfig
 from .records import SystemRun
 from .report import machine_info, markdown, plot, show, write_json
 from .roofline import gemm_gflops
 from .stats import latencies, summarize
 from .systems import isolated, probe_model, run_system
-from .workloads import BenchRequest, build_workload, parse_range
+from .workloads import SHARED_PREFIX_UNIQUE, WORKLOADS, BenchRequest, build_workload, parse_range
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,8 +25,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m toolkit bench", description=__doc__,
                                 epilog="bench --responsiveness --help: the API latency while the engine is busy")
     p.add_argument("--systems", default=",".join(d.systems),
-                   help=f"comma-separated, from {', '.join(SYSTEMS + OPTIONAL_SYSTEMS)}")
-    p.add_argument("--workload", choices=("random", "chat"), default=d.workload)
+                   help=f"comma-separated, from {', '.join(KNOWN_SYSTEMS)}")
+    p.add_argument("--workload", choices=WORKLOADS, default=d.workload)
+    p.add_argument("--prefix-len", type=int, default=d.prefix_len,
+                   help="shared-prefix: tokens of the system prompt all requests share")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="toolkit and toolkit-inprocess without prefix caching (toolkit-no-cache is always without)")
     p.add_argument("--num-requests", type=int, default=d.num_requests)
     p.add_argument("--input-len", default=_range(d.input_len), help="prompt tokens LO:HI, uniform (random workload)")
     p.add_argument("--output-len", default=_range(d.output_len), help="output tokens LO:HI, uniform; EOS is ignored")
@@ -64,16 +68,21 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     p = parser()
     args = p.parse_args(list(argv))
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
-    unknown = [s for s in systems if s not in SYSTEMS + OPTIONAL_SYSTEMS]
+    unknown = [s for s in systems if s not in KNOWN_SYSTEMS]
     if unknown or not systems:
-        p.error(f"unknown systems {unknown}: choose from {', '.join(SYSTEMS + OPTIONAL_SYSTEMS)}")
+        p.error(f"unknown systems {unknown}: choose from {', '.join(KNOWN_SYSTEMS)}")
+    if args.prefix_len < 1:
+        p.error("--prefix-len must be at least 1")
     fields = vars(args) | {"systems": systems, "input_len": parse_range(args.input_len),
                            "output_len": parse_range(args.output_len)}
     return BenchConfig(**fields)
 
 
 def header(cfg: BenchConfig, probe: dict[str, Any]) -> str:
-    lens = f"prompts {cfg.input_len[0]}-{cfg.input_len[1]}" if cfg.workload == "random" else "chat prompts"
+    lens = {"random": f"prompts {cfg.input_len[0]}-{cfg.input_len[1]}", "chat": "chat prompts",
+            "shared-prefix": f"a shared {cfg.prefix_len}-token prefix + {SHARED_PREFIX_UNIQUE[0]}-"
+                             f"{SHARED_PREFIX_UNIQUE[1]} unique tokens"}[cfg.workload]
+    lens += "" if cfg.prefix_cache else ", toolkit without prefix caching"
     arrivals = "offline (all at t=0)" if cfg.offline else f"Poisson {cfg.request_rate:g} req/s"
     limit = f", max concurrency {cfg.max_concurrency}" if cfg.max_concurrency else ""
     gemm = probe.get("gemm_gflops", math.nan)
@@ -126,7 +135,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     tokenizer = models.load_tokenizer(cfg.model)
     requests = build_workload(tokenizer, cfg.workload, cfg.num_requests, cfg.input_len, cfg.output_len, cfg.seed,
-                              cfg.request_rate)
+                              cfg.request_rate, cfg.prefix_len)
     probe = isolated(cfg, probe_model, cfg)
     before = machine_probe(cfg, probe["device"])
     probe |= {"gemm_gflops": before["gemm_gflops"]}

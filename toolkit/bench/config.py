@@ -6,8 +6,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-SYSTEMS = ("toolkit", "toolkit-inprocess", "toolkit-http", "hf-sequential", "hf-static", "hf-cb")
-OPTIONAL_SYSTEMS = ("toolkit-ray",)  # only when named in --systems: it starts a Ray instance
+SYSTEMS = ("toolkit", "toolkit-inprocess", "toolkit-http", "hf-sequential", "hf-static", "hf-cb")  # the default set
+# on request: the worker with prefix caching off beside `toolkit`; replicas on a Ray this process starts
+EXTRA_SYSTEMS = ("toolkit-no-cache", "toolkit-ray")
+KNOWN_SYSTEMS = SYSTEMS + EXTRA_SYSTEMS
 
 
 @dataclass(slots=True)
@@ -21,6 +23,8 @@ class BenchConfig:
     device: str = "cpu"
     seed: int = 0
     model: str = "smollm2-135m-instruct"
+    prefix_len: int = 512  # shared-prefix workload: tokens of the system prompt every request starts with
+    prefix_cache: bool = True  # toolkit and toolkit-inprocess: automatic prefix caching
     request_rate: float = math.inf
     max_concurrency: int | None = None
     out: str = "bench-results"
@@ -48,7 +52,7 @@ class BenchConfig:
     @property
     def stem(self) -> str:
         """File name stem of the results: one file set per workload, mode and dtype; a rerun replaces it."""
-        return f"{self.workload}-{self.mode}-{self.dtype}"
+        return f"{self.workload}-{self.mode}-{self.dtype}" + ("" if self.prefix_cache else "-no-prefix-cache")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

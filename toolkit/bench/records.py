@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -41,3 +42,4 @@ class SystemRun:
     loadavg_1m: float = 0.0  # the machine's 1-minute load average when the system finished (the cores are shared)
     error: str | None = None
     note: str = ""
+    prefix_cache_hit_rate: float = math.nan  # prompt tokens served from the prefix cache / looked up (toolkit only)

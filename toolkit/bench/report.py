@@ -18,7 +18,8 @@ from .stats import LATENCIES, LATENCY_STATS
 THROUGHPUT_COLUMNS = {
     "requests": "requests", "exact_token_counts": "exact tokens", "output_tok_s": "output tok/s",
     "total_tok_s": "total tok/s", "req_s": "req/s", "batch_mean": "batch mean", "batch_peak": "batch peak",
-    "peak_rss_mib": "peak RSS MiB", "roofline_frac": "roofline", "loadavg_1m": "load", "note": "note",
+    "peak_rss_mib": "peak RSS MiB", "roofline_frac": "roofline", "prefix_hit_rate": "prefix hits",
+    "loadavg_1m": "load", "note": "note",
 }
 LATENCY_COLUMNS = {
     f"{name}_{stat}_ms": f"{name.upper()} {stat}" for name in LATENCIES for stat in LATENCY_STATS

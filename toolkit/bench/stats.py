@@ -17,7 +17,7 @@ METRICS = (
     "output_tok_s", "total_tok_s", "req_s",
     *(f"{name}_{stat}_ms" for name in LATENCIES for stat in LATENCY_STATS),
     "batch_mean", "batch_peak", "peak_rss_mib", "load_s", "gemm_gflops", "achieved_gflops", "roofline_frac",
-    "loadavg_1m",
+    "loadavg_1m", "prefix_hit_rate",
 )
 
 
@@ -75,6 +75,7 @@ def summarize(run: SystemRun, probe: dict[str, Any]) -> dict[str, Any]:
     summary["achieved_gflops"] = rate(flops / 1e9)
     summary["roofline_frac"] = summary["achieved_gflops"] / summary["gemm_gflops"]
     summary["loadavg_1m"] = run.loadavg_1m
+    summary["prefix_hit_rate"] = run.prefix_cache_hit_rate
     summary["error"] = run.error
     summary["note"] = run.note
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -27,13 +28,18 @@ if TYPE_CHECKING:
 METRICS_SETTLE_S = 5.0  # the worker coalesces telemetry every metrics_interval_s; wait at most this for the tail
 
 
-def toolkit_settings(cfg: BenchConfig) -> Settings:
+def toolkit_settings(cfg: BenchConfig, prefix_cache: bool | None = None) -> Settings:
     """The same scheduler limits and KV budget for the worker, the in-process engine and hf-cb."""
     return Settings(
         model=cfg.model, device=cfg.device, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size,
         max_batch_tokens=cfg.max_batch_tokens, kv_cache_gib=cfg.kv_cache_gib, num_threads=cfg.threads,
         max_queue_size=max(1024, cfg.num_requests + cfg.warmup),
+        enable_prefix_caching=cfg.prefix_cache if prefix_cache is None else prefix_cache,
     )
+
+
+def hit_rate(queries: float, hits: float) -> float:
+    return hits / queries if queries else math.nan
 
 
 class PipelineStreamer:
@@ -48,26 +54,34 @@ class PipelineStreamer:
             yield len(chunk.token_ids)
 
 
-def run_toolkit(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
+def run_toolkit(cfg: BenchConfig, requests: Sequence[BenchRequest], name: str = "toolkit",
+                prefix_cache: bool | None = None) -> SystemRun:
+    """Through the worker and the pipeline; the prefix cache is emptied after the warm-up, so every run starts cold."""
     from toolkit.pipeline import TokenGeneratorPipeline
     from toolkit.worker.client import start_model_worker
 
-    run = SystemRun("toolkit")
+    run = SystemRun(name)
     loading = time.perf_counter()
-    with start_model_worker(toolkit_settings(cfg)) as worker:
+    with start_model_worker(toolkit_settings(cfg, prefix_cache)) as worker:
         run.load_s = time.perf_counter() - loading
         pipe = TokenGeneratorPipeline(worker)
         streamer = PipelineStreamer(pipe)
         drive_async(streamer, warmup_requests(requests, cfg.warmup), None, run.name, progress=False)
         settle_metrics(worker)
+        worker.reset_prefix_cache()
         worker.metrics.reset()
         with RssSampler(worker.pid) as rss:
-            run.records, run.started_at = drive_async(streamer, requests, cfg.max_concurrency, "toolkit")
+            run.records, run.started_at = drive_async(streamer, requests, cfg.max_concurrency, name)
         settle_metrics(worker)
         steps = worker.metrics.steps()
         run.batch_sizes = steps.batch_size.astype(int).tolist()
         run.peak_rss_bytes = max(rss.peak, int(steps.rss_bytes.max()) if len(steps) else 0)
+        run.prefix_cache_hit_rate = hit_rate(steps.prefix_cache_queries.sum(), steps.prefix_cache_hits.sum())
     return run
+
+
+def run_toolkit_no_cache(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
+    return run_toolkit(cfg, requests, "toolkit-no-cache", prefix_cache=False)
 
 
 def run_toolkit_ray(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
@@ -138,6 +152,7 @@ class EngineStepper:
         self.engine = engine
         self.records: dict[str, RequestRecord] = {}
         self.batch_sizes: list[int] = []
+        self.cache_queries = self.cache_hits = 0
 
     def add(self, request: BenchRequest, record: RequestRecord) -> None:
         rid = f"bench-{request.index}"
@@ -148,6 +163,8 @@ class EngineStepper:
         deltas, metrics = self.engine.step()
         now = time.perf_counter()
         self.batch_sizes.append(metrics.batch_size)
+        self.cache_queries += metrics.prefix_cache_queries
+        self.cache_hits += metrics.prefix_cache_hits
         for delta in deltas:
             record = self.records[delta.request_id]
             record.add_chunk(len(delta.token_ids), now)
@@ -167,9 +184,11 @@ def run_toolkit_inprocess(cfg: BenchConfig, requests: Sequence[BenchRequest]) ->
     engine = Engine(toolkit_settings(cfg), set_threads=True)  # this process is the benchmark's own
     run.load_s = time.perf_counter() - loading
     drive_steps(EngineStepper(engine), warmup_requests(requests, cfg.warmup), None, run.name, progress=False)
+    engine.reset_prefix_cache()
     stepper = EngineStepper(engine)
     with RssSampler() as rss:
         run.records, run.started_at = drive_steps(stepper, requests, cfg.max_concurrency, "toolkit-inprocess")
     run.batch_sizes = stepper.batch_sizes
     run.peak_rss_bytes = rss.peak
+    run.prefix_cache_hit_rate = hit_rate(stepper.cache_queries, stepper.cache_hits)
     return run

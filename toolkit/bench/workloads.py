@@ -33,6 +33,10 @@ CHAT_PROMPTS = (
 )
 
 
+WORKLOADS = ("random", "chat", "shared-prefix")
+SHARED_PREFIX_UNIQUE = (16, 64)  # tokens after the shared system prompt in the shared-prefix workload
+
+
 @dataclass(slots=True)
 class BenchRequest:
     """One request of a workload: prompt ids, how many tokens to generate, when it arrives (s after the start)."""
@@ -73,6 +77,18 @@ def random_workload(
     ]
 
 
+def shared_prefix_workload(
+    tokenizer: Any, num_requests: int, prefix_len: int, unique_len: tuple[int, int], output_len: tuple[int, int],
+    seed: int,
+) -> list[BenchRequest]:
+    """One random system prompt of `prefix_len` tokens shared by every request, then a random unique part."""
+    rng = np.random.default_rng(seed)
+    allowed = allowed_token_ids(tokenizer)
+    prefix = rng.choice(allowed, size=prefix_len).tolist()
+    tails = random_workload(tokenizer, num_requests, unique_len, output_len, seed + 1)
+    return [BenchRequest(t.index, prefix + t.prompt_ids, t.output_len) for t in tails]
+
+
 def chat_workload(tokenizer: Any, num_requests: int, output_len: tuple[int, int], seed: int) -> list[BenchRequest]:
     """The built-in chat prompts, cycled, through the tokenizer's chat template; output lengths as `random`."""
     rng = np.random.default_rng(seed)
@@ -108,14 +124,20 @@ def build_workload(
     output_len: tuple[int, int],
     seed: int,
     request_rate: float = math.inf,
+    prefix_len: int = 512,
 ) -> list[BenchRequest]:
-    """The whole workload, arrivals included, from a seed: every system sees identical requests."""
+    """The whole workload, arrivals included, from a seed: every system sees identical requests.
+
+    shared-prefix: a `prefix_len`-token system prompt, then 16-64 unique tokens (input_len is not used).
+    """
     if kind == "random":
         requests = random_workload(tokenizer, num_requests, input_len, output_len, seed)
     elif kind == "chat":
         requests = chat_workload(tokenizer, num_requests, output_len, seed)
+    elif kind == "shared-prefix":
+        requests = shared_prefix_workload(tokenizer, num_requests, prefix_len, SHARED_PREFIX_UNIQUE, output_len, seed)
     else:
-        raise ValueError(f"unknown workload {kind!r}: use random or chat")
+        raise ValueError(f"unknown workload {kind!r}: use {', '.join(WORKLOADS)}")
     for request, arrival in zip(requests, poisson_arrivals(num_requests, request_rate, seed), strict=True):
         request.arrival_s = arrival
     return requests

@@ -20,6 +20,7 @@ from toolkit.engine.request import Sequence
 from toolkit.engine.runner import ModelRunner
 from toolkit.engine.scheduler import ScheduledSequence, SchedulerOutput, TokenGenerationScheduler
 from toolkit.engine.step_metrics import StepProbe
+from toolkit.errors import PrefixCacheBusyError
 from toolkit.layers.kv_cache import num_blocks_for_budget
 from toolkit.layers.linear import choose_linear_kernels
 from toolkit.settings import Settings
@@ -58,7 +59,7 @@ class Engine:
         self.notes: list[str] = []  # what the engine changed at load, for Ready.notes and the log
         self.max_model_len = self._max_model_len(settings)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
-        self.blocks = BlockManager(self.num_blocks, settings.block_size)
+        self.blocks = BlockManager(self.num_blocks, settings.block_size, enable_caching=settings.enable_prefix_caching)
         self.scheduler = TokenGenerationScheduler(
             self.blocks, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
@@ -126,9 +127,14 @@ class Engine:
         return deltas
 
     def abort_all(self) -> list[str]:
-        """Cancel every waiting and running request; returns their ids."""
+        """Cancel every waiting and running request (after a failed step); returns their ids.
+
+        The prefix cache goes too: blocks are cached when scheduled, so a failed forward may have left some
+        whose K/V was never written.
+        """
         ids = [seq.request_id for seq in (*self.scheduler.running, *self.scheduler.waiting)]
         self.cancel(ids)
+        self.blocks.reset_cache()
         return ids
 
     def fail_scheduled(self) -> list[str]:
@@ -151,6 +157,20 @@ class Engine:
         if seq is not None:
             self._retire(seq)
         return seq is not None
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prompt block (after a weight change, or for a cold benchmark); returns how many.
+
+        PrefixCacheBusyError while any request is waiting or running, as vLLM refuses with blocks in use.
+        """
+        if self.has_work:
+            raise PrefixCacheBusyError(
+                f"cannot reset the prefix cache while {self.scheduler.num_running} requests run and "
+                f"{self.scheduler.num_waiting} wait"
+            )
+        cleared = self.blocks.num_cached_blocks
+        if not self.blocks.reset_cache():
+            raise PrefixCacheBusyError(f"{self.blocks.num_used_blocks} KV blocks are still in use")
+        return cleared
 
     @property
     def has_work(self) -> bool:
@@ -179,8 +199,8 @@ class Engine:
         update_ms = probe.lap()
         logprobs = self.runner.last_logprobs
         deltas = [
-            TokenDelta(s.seq.request_id, [sampled[rid]], s.seq.finish_reason,
-                       [logprobs[rid]] if rid in logprobs else None)
+            TokenDelta(rid, [sampled[rid]], s.seq.finish_reason, [logprobs[rid]] if rid in logprobs else None,
+                       s.seq.num_cached_tokens if s.seq.num_output_tokens == 1 else 0)
             for s in out.scheduled if (rid := s.seq.request_id) in sampled
         ]
         deltas += [TokenDelta(rid, [], "error") for rid in failed]
@@ -193,6 +213,8 @@ class Engine:
             num_running=self.scheduler.num_running, kv_blocks_used=self.kv_blocks_used, kv_blocks_total=self.num_blocks,
             preemptions=len(out.preempted), output_tokens=len(sampled), schedule_ms=schedule_ms,
             prepare_ms=phases.prepare_ms, forward_ms=phases.forward_ms, sample_ms=phases.sample_ms, update_ms=update_ms,
+            prefix_cache_queries=out.num_cache_queries, prefix_cache_hits=out.num_cache_hits,
+            kv_blocks_cached=self.blocks.num_cached_blocks,
         )
 
     def _execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, Exception]]:
@@ -267,6 +289,7 @@ def request_metrics(seq: Sequence, arrival: float, pid: int = 0) -> RequestMetri
         queued_s=since(seq.first_scheduled_time), ttft_s=since(seq.first_token_time), itl_mean_s=seq.itl_mean,
         e2e_s=finish - arrival, finish_reason=seq.finish_reason or "cancelled", preemptions=seq.num_preemptions,
         pid=pid,
+        cached_tokens=seq.num_cached_tokens,
     )
 
 

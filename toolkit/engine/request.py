@@ -32,6 +32,9 @@ class Sequence:
     last_token_time: float | None = None
     itl_sum: float = 0.0  # sum of the gaps between consecutive output tokens
     finish_time: float | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its full blocks, grown on demand
+    num_cached_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled (telemetry)
 
     @classmethod
     def from_request(cls, req: GenerateRequest) -> Sequence:

@@ -4,6 +4,9 @@ One rule covers prefill, chunked prefill, decode and recompute: every running se
 toward `num_tokens`, within a per-step token budget and sequence cap; running sequences first (oldest first), then
 waiting ones (FIFO). When KV blocks run out the newest running sequence is preempted and later recomputed from its
 prompt plus outputs. The oldest running sequence can always preempt everyone else, so every request makes progress.
+
+With prefix caching, admission first looks up the longest cached prefix (whole blocks, never the last token) and
+starts `num_computed_tokens` there; a preempted request that comes back finds its own blocks unless they were evicted.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class SchedulerOutput:
     preempted: list[str]
     num_prefill_tokens: int
     num_decode_tokens: int
+    num_cache_queries: int = 0  # tokens of the sequences admitted this step that looked up the prefix cache
+    num_cache_hits: int = 0  # of those, tokens found there
 
     @property
     def is_empty(self) -> bool:
@@ -141,11 +146,14 @@ class TokenGenerationScheduler:
         scheduled: list[ScheduledSequence] = []
         preempted: list[str] = []
         budget = self._schedule_running(scheduled, preempted, self.max_batch_tokens)
+        queries = hits = 0
         if not preempted:
-            self._admit_waiting(scheduled, budget)
+            queries, hits = self._admit_waiting(scheduled, budget)
         decodes = [s for s in scheduled if not s.is_prefill]
         prefills = [s for s in scheduled if s.is_prefill]
-        return SchedulerOutput(decodes + prefills, preempted, sum(s.num_tokens for s in prefills), len(decodes))
+        return SchedulerOutput(
+            decodes + prefills, preempted, sum(s.num_tokens for s in prefills), len(decodes), queries, hits
+        )
 
     def _schedule_running(self, scheduled: list[ScheduledSequence], preempted: list[str], budget: int) -> int:
         i = 0
@@ -169,22 +177,32 @@ class TokenGenerationScheduler:
                 return False
         return True
 
-    def _admit_waiting(self, scheduled: list[ScheduledSequence], budget: int) -> None:
+    def _admit_waiting(self, scheduled: list[ScheduledSequence], budget: int) -> tuple[int, int]:
+        """Admit from the head of the queue while budget, batch and blocks allow; returns (cache queries, hits)."""
+        queries = hits = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.can_allocate(seq, n):
-                break  # FIFO: nobody overtakes the head of the queue
+            cached = self.blocks.lookup(seq)  # looked up again on every try: blocks may be evicted in between
+            num_cached = len(cached) * self.blocks.block_size
+            n = min(seq.num_tokens - num_cached, budget)
+            if not self.blocks.can_allocate(seq, n, cached):
+                break  # FIFO: nobody overtakes the head of the queue; the hits stay untouched
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.time()
+                seq.num_cached_tokens = num_cached
+            if self.blocks.caches(seq):
+                queries += seq.num_tokens
+                hits += num_cached
+            seq.num_computed_tokens = num_cached
             self.running.append(seq)
-            scheduled.append(self._take(seq, n))
+            scheduled.append(self._take(seq, n, cached))
             budget -= n
+        return queries, hits
 
-    def _take(self, seq: Sequence, num_tokens: int) -> ScheduledSequence:
-        self.blocks.allocate(seq, num_tokens)
+    def _take(self, seq: Sequence, num_tokens: int, cached: list[int] | None = None) -> ScheduledSequence:
+        self.blocks.allocate(seq, num_tokens, cached or ())
         return ScheduledSequence(seq, seq.num_computed_tokens, num_tokens)
 
     def _preempt(self, seq: Sequence) -> None:

@@ -19,7 +19,7 @@ from .kernel import adopt_parent, current_parent, in_kernel, show_figures_as_png
 
 
 class Dashboard:
-    """Batch occupancy, prefill/decode tokens/s, KV-cache use and queue depth of `worker`, live in a notebook.
+    """Batch occupancy, tokens/s, queue depth, KV-cache use and prefix-cache hit rate of `worker`, live.
 
     `Dashboard(worker).start()` (or just displaying it) shows the panels and refreshes them every `interval_s`
     while the worker runs; `stop()` ends that; `snapshot()` and `save(path)` give static copies.

@@ -1,4 +1,4 @@
-"""The Dashboard's four panels, drawn from a `MetricsLog.steps()` DataFrame onto a plain matplotlib Figure.
+"""The Dashboard's five panels, drawn from a `MetricsLog.steps()` DataFrame onto a plain matplotlib Figure.
 
 Plain `Figure` objects (no pyplot) so a background thread can draw without touching pyplot's global state, and
 the inline backend never shows a stray copy.
@@ -19,8 +19,10 @@ from toolkit.telemetry.metrics import occupancy
 
 GIB = 1024**3
 # Fixed margins: rendering is ~1.5x faster than with constrained layout, which counts at 2 frames/s on a busy CPU.
-MARGINS = {"left": 0.07, "right": 0.93, "top": 0.9, "bottom": 0.09, "hspace": 0.3, "wspace": 0.3}
+# wspace is a fraction of one of the grid's six narrow columns: room for a twin axis label between panels.
+MARGINS = {"left": 0.06, "right": 0.95, "top": 0.9, "bottom": 0.09, "hspace": 0.35, "wspace": 1.4}
 PREFILL_COLOR, DECODE_COLOR, MEMORY_COLOR = "tab:orange", "tab:blue", "tab:gray"
+CACHE_COLOR = "tab:green"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +56,25 @@ def throughput(steps: pd.DataFrame, bin_s: float | None = None) -> pd.DataFrame:
     return sums.rename(columns={"prefill_tokens": "prefill_tok_s", "decode_tokens": "decode_tok_s"})
 
 
+def prefix_hit_rate(steps: pd.DataFrame, bin_s: float | None = None) -> pd.DataFrame:
+    """Prefix-cache hits / queries (tokens) per time bin (NaN where nothing was looked up) and cumulatively."""
+    if steps.empty:
+        return pd.DataFrame({"hit_rate": [], "cumulative": []}, index=pd.Index([], name="t"))
+    t0, span = float(steps.t.iloc[0]), float(steps.t.iloc[-1] - steps.t.iloc[0])
+    bin_s = bin_s or float(np.clip(span / 40, 0.05, 5.0))
+    bins = np.floor((steps.t.to_numpy() - t0) / bin_s).astype(int)
+    sums = steps[["prefix_cache_hits", "prefix_cache_queries"]].groupby(bins).sum()
+    sums = sums.reindex(range(int(bins.max()) + 1), fill_value=0)
+    queries = sums.prefix_cache_queries.replace(0, np.nan)
+    total = sums.prefix_cache_queries.cumsum().replace(0, np.nan)
+    out = pd.DataFrame({"hit_rate": sums.prefix_cache_hits / queries,
+                        "cumulative": sums.prefix_cache_hits.cumsum() / total})
+    out.index = pd.Index(t0 + sums.index.to_numpy() * bin_s, name="t")
+    return out
+
+
 def new_figure() -> Figure:
-    return Figure(figsize=(11, 6.5), dpi=72)
+    return Figure(figsize=(13, 6.5), dpi=72)
 
 
 def since_first_step(steps: pd.DataFrame) -> pd.DataFrame:
@@ -66,24 +85,30 @@ def since_first_step(steps: pd.DataFrame) -> pd.DataFrame:
 
 
 def draw(fig: Figure, steps: pd.DataFrame, view: WorkerView, window_s: float | None = None) -> Figure:
-    """Clear `fig` and draw occupancy, tokens/s, KV-cache use and queue depth over the last `window_s` seconds."""
+    """Clear `fig` and draw occupancy, tokens/s and queue depth above KV-cache use and the prefix-cache hit rate,
+    over the last `window_s` seconds."""
     fig.clear()
     steps = since_first_step(steps)
     if window_s is not None and not steps.empty:
         steps = steps[steps.t >= steps.t.iloc[-1] - window_s]
-    axes = fig.subplots(2, 2, sharex=True, gridspec_kw=MARGINS)
-    _occupancy(axes[0, 0], steps, view)
-    _throughput(axes[0, 1], steps, view)
-    _kv_cache(axes[1, 0], steps, view)
-    _queue(axes[1, 1], steps)
-    for ax in axes[1]:
+    grid = fig.add_gridspec(2, 6, **MARGINS)  # three panels on top, two wider ones below
+    top = [fig.add_subplot(grid[0, 2 * i : 2 * i + 2]) for i in range(3)]
+    bottom = [fig.add_subplot(grid[1, 3 * i : 3 * i + 3]) for i in range(2)]
+    for ax in (*top[1:], *bottom):
+        ax.sharex(top[0])
+    _occupancy(top[0], steps, view)
+    _throughput(top[1], steps, view)
+    _queue(top[2], steps)
+    _kv_cache(bottom[0], steps, view)
+    _prefix_cache(bottom[1], steps)
+    for ax in bottom:
         ax.set_xlabel("seconds since the first logged step")
     restarts = steps.t[steps.pid.ne(steps.pid.shift())].iloc[1:] if not steps.empty else []
-    for ax in axes.flat:  # a new worker process from here on
+    for ax in (*top, *bottom):  # a new worker process from here on
         for t in restarts:
             ax.axvline(t, color="gray", lw=0.8, ls="--")
     if steps.empty:
-        for ax in axes.flat:
+        for ax in (*top, *bottom):
             ax.text(0.5, 0.5, "no steps yet", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.suptitle(f"{view.model} on {view.device_label}: {len(steps)} steps")
     return fig
@@ -118,12 +143,16 @@ def _throughput(ax: Axes, steps: pd.DataFrame, view: WorkerView) -> None:
 
 def _kv_cache(ax: Axes, steps: pd.DataFrame, view: WorkerView) -> None:
     ax.set_title("KV-cache use and memory")
-    ax.set_ylabel("KV blocks used (%)")
+    ax.set_ylabel("KV blocks (%)")
     ax.set_ylim(0, 105)
     if steps.empty:
         return
     if int(steps.kv_blocks_total.max()) > 0:
-        ax.step(steps.t, 100 * steps.kv_blocks_used / steps.kv_blocks_total, where="post", color=DECODE_COLOR)
+        ax.step(steps.t, 100 * steps.kv_blocks_used / steps.kv_blocks_total, where="post", color=DECODE_COLOR,
+                label="in use")
+        ax.step(steps.t, 100 * steps.kv_blocks_cached / steps.kv_blocks_total, where="post", color=CACHE_COLOR,
+                label="caching a prefix")
+        ax.legend(loc="upper left", fontsize="small")
     else:
         ax.text(0.5, 0.8, "no KV cache (embedding model)", ha="center", transform=ax.transAxes, color="gray")
     memory, label = (steps.device_mem_bytes, "GPU memory (GiB)") if view.on_gpu else (steps.rss_bytes, "RSS (GiB)")
@@ -131,6 +160,21 @@ def _kv_cache(ax: Axes, steps: pd.DataFrame, view: WorkerView) -> None:
     twin.plot(steps.t, memory / GIB, color=MEMORY_COLOR, lw=1, ls="--")
     twin.set_ylabel(label, color=MEMORY_COLOR)
     twin.set_ylim(0, max(float(memory.max()) / GIB * 1.2, 0.1))
+
+
+def _prefix_cache(ax: Axes, steps: pd.DataFrame) -> None:
+    ax.set_title("Prefix cache hit rate (prompt tokens not computed)")
+    ax.set_ylabel("hit rate (%)")
+    ax.set_ylim(0, 105)
+    if steps.empty:
+        return
+    if not steps.prefix_cache_queries.any():
+        ax.text(0.5, 0.5, "no prefix-cache lookups", ha="center", va="center", transform=ax.transAxes, color="gray")
+        return
+    rates = prefix_hit_rate(steps)
+    ax.step(rates.index, 100 * rates.hit_rate, where="post", color=CACHE_COLOR, label="per interval")
+    ax.plot(rates.index, 100 * rates.cumulative, color=MEMORY_COLOR, lw=1, ls="--", label="since start")
+    ax.legend(loc="lower right", fontsize="small")
 
 
 def _queue(ax: Axes, steps: pd.DataFrame) -> None:

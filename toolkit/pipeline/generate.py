@@ -109,6 +109,8 @@ class TokenGeneratorPipeline:
         add_special_tokens: bool = True,
         min_tokens: int = 0,
         logprobs: int | None = None,
+        cache_salt: str | None = None,
+        prefix_cache: bool = True,
     ) -> tuple[m.GenerateRequest, list[str]]:
         """Validate every parameter, tokenize, and return the request plus its stop strings."""
         info = self.worker.info
@@ -130,6 +132,10 @@ class TokenGeneratorPipeline:
             raise InvalidRequestError(f"min_tokens must be an int in [0, max_new_tokens], not {min_tokens!r}")
         if logprobs is not None and (not is_int(logprobs) or not 0 <= logprobs <= m.MAX_LOGPROBS):
             raise InvalidRequestError(f"logprobs must be None or an int in [0, {m.MAX_LOGPROBS}], not {logprobs!r}")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequestError(f"cache_salt must be None or a non-empty str, not {cache_salt!r}")
+        if not isinstance(prefix_cache, bool):
+            raise InvalidRequestError(f"prefix_cache must be a bool, not {prefix_cache!r}")
         stops = check_stop(stop)
         if not all(is_int(t) and 0 <= t < info.vocab_size for t in stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be token ids in [0, {info.vocab_size})")
@@ -147,6 +153,8 @@ class TokenGeneratorPipeline:
             ignore_eos=ignore_eos,
             arrival_time=time.time(),
             min_tokens=int(min_tokens),
+            cache_salt=cache_salt,
+            use_prefix_cache=prefix_cache,
         )
         return request, stops
 
@@ -331,6 +339,7 @@ class RequestStream:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None  # when the last item reached this process (or close() cancelled)
         self.chunks = 0
+        self.cached_tokens = 0
 
     def on_item(self, item: object) -> StreamChunk | None:
         """Turn one response item into a chunk; raises the typed error for failures."""
@@ -343,6 +352,8 @@ class RequestStream:
         assert isinstance(item, m.TokenDelta)
         if self.first_token_at is None and item.token_ids:
             self.first_token_at = self.sink.first_at or time.time()
+        if item.num_cached_tokens:
+            self.cached_tokens = item.num_cached_tokens
         final = item.finish_reason is not None
         self.token_ids.extend(item.token_ids)
         if self.logprobs is not None and item.logprobs:
@@ -400,6 +411,7 @@ class RequestStream:
             e2e_s=(self.finished_at or time.time()) - arrival,
             chunks=self.chunks,
             logprobs=None if self.logprobs is None else list(self.logprobs),
+            cached_tokens=self.cached_tokens,
         )
 
     def timed_out(self) -> RequestTimeoutError:

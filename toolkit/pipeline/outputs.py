@@ -31,6 +31,7 @@ class Completion:
     e2e_s: float = 0.0
     chunks: int = field(default=0, repr=False)
     logprobs: list[TokenLogprob] | None = field(default=None, repr=False)  # one per token id, when asked
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (usage.prompt_tokens_details)
 
     @property
     def tokens_per_s(self) -> float:

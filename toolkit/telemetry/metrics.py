@@ -90,6 +90,9 @@ class MetricsLog:
                 out["mean_occupancy"] = float(occupied.mean())
                 out["max_occupancy"] = float(occupied.max())
             out["preemptions"] = float(steps.preemptions.sum())
+            queries = float(steps.prefix_cache_queries.sum())
+            if queries:
+                out["prefix_cache_hit_rate"] = float(steps.prefix_cache_hits.sum()) / queries
         if len(reqs):
             for col in LATENCY_COLUMNS:
                 values = reqs[col].to_numpy(dtype=float)

@@ -18,6 +18,7 @@ import signal
 import tempfile
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import (
+    InvalidRequestError,
+    PrefixCacheBusyError,
     QueueFullError,
+    RemoteError,
     WorkerCrashedError,
     WorkerHungError,
     WorkerNotRunningError,
@@ -106,6 +110,7 @@ class _Connection:
             target=worker_process.run, args=(self.settings, self.ipc_dir), name="toolkit-worker", daemon=True
         )
         self.pending: dict[str, _Pending] = {}
+        self.replies: dict[str, queue.SimpleQueue[m.PrefixCacheReset]] = {}  # control calls awaiting the worker
         self.lock = threading.RLock()  # re-entrant: a dropped stream's __del__ may cancel from inside a locked section
         self.state = WorkerState.STARTING
         self.ready: m.Ready | None = None
@@ -171,6 +176,34 @@ class _Connection:
             if self.state is WorkerState.READY and not self.closing:
                 self.queue.send_request(m.Cancel(request_ids))
 
+    def reset_prefix_cache(self, timeout_s: float) -> int:
+        """Ask the worker to drop its cached prompt blocks and wait for the answer; returns how many it dropped."""
+        reply_id = f"reset-{uuid.uuid4().hex[:12]}"
+        waiter: queue.SimpleQueue[m.PrefixCacheReset] = queue.SimpleQueue()
+        with self.lock:
+            self._check_serving()
+            self.replies[reply_id] = waiter
+            self.queue.send_request(m.ResetPrefixCache(reply_id))  # behind every request sent before it
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    reply = waiter.get(timeout=POLL_S)
+                    break
+                except queue.Empty:
+                    self._check_serving()  # died, hung or shut down while we waited
+                    if time.monotonic() > deadline:
+                        raise WorkerHungError(f"no answer to reset_prefix_cache within {timeout_s} s") from None
+        finally:
+            with self.lock:
+                self.replies.pop(reply_id, None)
+        errors = {"PrefixCacheBusyError": PrefixCacheBusyError, "InvalidRequestError": InvalidRequestError}
+        if reply.error_type in errors:
+            raise errors[reply.error_type](reply.message)
+        if reply.error_type:
+            raise RemoteError(f"{reply.error_type}: {reply.message}", error_type=reply.error_type)
+        return reply.blocks_cleared
+
     def _check_serving(self) -> None:
         if self.state is WorkerState.FAILED:
             raise WorkerCrashedError(
@@ -218,6 +251,11 @@ class _Connection:
             self.metrics.add(message)
             if message.step_running_s > 0 and (self.step_clock is None or self.step_clock[0] != message.step):
                 self.step_clock = (message.step, time.monotonic() - message.step_running_s)
+        elif isinstance(message, m.PrefixCacheReset):
+            with self.lock:
+                waiter = self.replies.get(message.id)
+            if waiter is not None:
+                waiter.put(message)
         else:
             log.warning("unexpected message from the worker: %r", type(message).__name__)
 
@@ -439,6 +477,18 @@ class ModelWorker:
     def cancel(self, request_ids: list[str]) -> None:
         if self._conn is not None:
             self._conn.cancel(request_ids)
+
+    # ---- control ------------------------------------------------------------------------------
+
+    def reset_prefix_cache(self, timeout_s: float = 30.0) -> int:
+        """Forget every cached prompt block in the worker (e.g. for a cold benchmark); returns how many it dropped.
+
+        Raises PrefixCacheBusyError while requests are waiting or running (as vLLM refuses), InvalidRequestError
+        on an embedding worker, and WorkerNotRunningError / WorkerCrashedError / WorkerHungError as requests do.
+        """
+        if self._conn is None:
+            raise WorkerNotRunningError("model worker is not started")
+        return self._conn.reset_prefix_cache(timeout_s)
 
 
 def _restart_later(weak_worker: weakref.ref[ModelWorker]) -> None:

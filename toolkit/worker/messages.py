@@ -31,6 +31,8 @@ class GenerateRequest(msgspec.Struct, tag=True, omit_defaults=True):
     ignore_eos: bool = False
     arrival_time: float = 0.0  # time.time() in the parent when submitted
     min_tokens: int = 0  # EOS and stop_token_ids cannot end the request before this many output tokens
+    cache_salt: str | None = None  # requests share cached prompt blocks only with requests of the same salt
+    use_prefix_cache: bool = True  # False: neither reuse cached blocks nor offer this request's blocks to others
 
 
 class EmbedRequest(msgspec.Struct, tag=True):
@@ -51,6 +53,12 @@ class Cancel(msgspec.Struct, tag=True):
 
 class Shutdown(msgspec.Struct, tag=True):
     pass
+
+
+class ResetPrefixCache(msgspec.Struct, tag=True):
+    """Forget every cached prompt block; rides the requests channel, so it comes after the requests sent before it."""
+
+    id: str
 
 
 # ---- worker -> parent -----------------------------------------------------------------------
@@ -99,6 +107,16 @@ class TokenDelta(msgspec.Struct, array_like=True, omit_defaults=True):
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" ("error" ends go out as RequestFailed)
     logprobs: list[TokenLogprob] | None = None  # one per token id, only for requests that asked
+    num_cached_tokens: int = 0  # on the first token's delta: prompt tokens whose K/V came from the prefix cache
+
+
+class PrefixCacheReset(msgspec.Struct, tag=True):
+    """The answer to ResetPrefixCache: how many cached blocks were dropped, or why it was refused."""
+
+    id: str
+    blocks_cleared: int = 0
+    error_type: str = ""  # "" on success
+    message: str = ""
 
 
 class RequestFailed(msgspec.Struct, tag=True):
@@ -157,6 +175,9 @@ class StepMetrics(msgspec.Struct, array_like=True):
     prepare_ms: float = 0.0  # building the input tensors (ids, positions, slots, masks)
     sample_ms: float = 0.0  # logits to tokens (generate) or hidden states to pooled vectors (embed)
     update_ms: float = 0.0  # applying the samples: scheduler update, finished requests retired
+    prefix_cache_queries: int = 0  # tokens of the requests admitted this step that looked up the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found in the cache (not computed)
+    kv_blocks_cached: int = 0  # blocks holding a reusable prefix after this step (in use or free)
 
 
 class RequestMetrics(msgspec.Struct, array_like=True):
@@ -172,6 +193,7 @@ class RequestMetrics(msgspec.Struct, array_like=True):
     finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     preemptions: int = 0
     pid: int = 0  # the worker process that served (finished) the request
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache when first scheduled
 
 
 class Metrics(msgspec.Struct, tag=True):
@@ -190,5 +212,5 @@ class Metrics(msgspec.Struct, tag=True):
     step_running_s: float = 0.0  # how long that step had run when sent; 0.0: sent between steps
 
 
-ToWorker = GenerateRequest | EmbedRequest | Cancel | Shutdown
-FromWorker = Ready | StartupFailed | StepOutput | EmbedResult | Metrics
+ToWorker = GenerateRequest | EmbedRequest | Cancel | Shutdown | ResetPrefixCache
+FromWorker = Ready | StartupFailed | StepOutput | EmbedResult | Metrics | PrefixCacheReset

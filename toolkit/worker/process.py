@@ -144,8 +144,23 @@ class WorkerLoop:
         elif isinstance(message, m.Shutdown):
             log.info("shutdown requested")
             self.stopping = True
+        elif isinstance(message, m.ResetPrefixCache):
+            self.queue.send_response(self.reset_prefix_cache(message.id))
         else:
             log.warning("ignored unexpected message %r", type(message).__name__)
+
+    def reset_prefix_cache(self, reply_id: str) -> m.PrefixCacheReset:
+        """Answer a reset: the blocks dropped, or the error that refused it (requests running, no prefix cache)."""
+        reset = getattr(self.engine, "reset_prefix_cache", None)
+        if reset is None:
+            return m.PrefixCacheReset(reply_id, error_type="InvalidRequestError",
+                                      message="an embedding worker has no prefix cache")
+        try:
+            cleared = reset()
+        except Exception as exc:
+            return m.PrefixCacheReset(reply_id, error_type=type(exc).__name__, message=str(exc))
+        log.info("prefix cache reset: %d blocks dropped", cleared)
+        return m.PrefixCacheReset(reply_id, blocks_cleared=cleared)
 
     def step(self) -> None:
         try:
