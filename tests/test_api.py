@@ -169,6 +169,17 @@ def test_usage_is_exact(client: openai.OpenAI, tokenizer: Any) -> None:
     assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (want, 4, want + 4)
 
 
+def test_usage_counts_prompt_tokens_from_the_prefix_cache(client: openai.OpenAI) -> None:
+    prompt = list(range(1000, 1040))  # 40 tokens: two full blocks of 16 can come from the cache the second time
+    first, again = (client.completions.create(model=TINY, prompt=prompt, max_tokens=2, **GREEDY) for _ in range(2))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 32
+    stream = client.completions.create(model=TINY, prompt=prompt, max_tokens=2, stream=True,
+                                       stream_options={"include_usage": True}, **GREEDY)
+    (last,) = [c for c in stream if c.usage is not None]
+    assert last.usage.prompt_tokens_details.cached_tokens == 32
+
+
 @pytest.mark.parametrize("kind", ["chat", "completion"])
 def test_streamed_text_equals_non_streamed(client: openai.OpenAI, kind: str) -> None:
     kw = {"max_tokens": 12, **GREEDY}

@@ -119,9 +119,13 @@ class Call:
     def object(self) -> str:
         return "chat.completion" if self.kind == "chat" else "text_completion"
 
-    def usage(self, completion_tokens: int) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
+    def usage(self, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+        """OpenAI's usage; `cached_tokens`: prompt tokens served from the prefix cache (the first choice's)."""
+        usage: dict[str, Any] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": self.prompt_tokens + completion_tokens}
+        if cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+        return usage
 
     # ---- logprobs in OpenAI's two shapes ----------------------------------------------------------
 
@@ -168,11 +172,11 @@ class Call:
             choices.append(choice)
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint, "choices": choices,
-                "usage": self.usage(sum(len(s.token_ids) for s in streams))}
+                "usage": self.usage(sum(len(s.token_ids) for s in streams), streams[0].cached_tokens)}
 
     # ---- streams --------------------------------------------------------------------------------
 
-    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None, with_usage: bool) -> str:
+    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None, with_usage: bool) -> str:
         body: dict[str, Any] = {"id": self.id, "object": f"{self.object}.chunk" if self.kind == "chat" else self.object,
                                 "created": self.created, "model": self.model,
                                 "system_fingerprint": self.fingerprint, "choices": choices}
@@ -195,7 +199,7 @@ class Call:
         running = [0] * len(run.streams)
         offsets = [0] * len(run.streams)
 
-        def usage_now() -> dict[str, int] | None:
+        def usage_now() -> dict[str, Any] | None:
             return self.usage(sum(running)) if continuous_usage else None
 
         try:
@@ -216,7 +220,7 @@ class Call:
                     text = None if self.kind == "chat" else ""
                     yield self.chunk([self._choice(i, text, None, reason)], usage_now(), with_usage)
             if include_usage:
-                yield self.chunk([], self.usage(run.completion_tokens), True)
+                yield self.chunk([], self.usage(run.completion_tokens, run.streams[0].cached_tokens), True)
         except Exception as exc:  # the status line is long gone: the error travels as an event
             yield sse({"error": as_api_error(exc).body()["error"]})
         finally:
