@@ -27,7 +27,7 @@ from toolkit.errors import QueueFullError, WorkerNotRunningError
 from toolkit.settings import Settings
 from toolkit.telemetry.metrics import MetricsLog
 from toolkit.worker import messages as m
-from toolkit.worker.client import Sink, WorkerState
+from toolkit.worker.client import ShutsDownOnExit, Sink, WorkerState
 from toolkit.worker.process import IDLE_POLL_S
 
 log = logging.getLogger("toolkit.api")
@@ -50,7 +50,7 @@ class _LocalQueue:
         return True
 
 
-class InProcessWorker:
+class InProcessWorker(ShutsDownOnExit):
     """An Engine stepped on the serving event loop, with ModelWorker's interface: submit, cancel, info, health,
     metrics, restart, shutdown."""
 
@@ -247,8 +247,3 @@ class InProcessWorker:
         self.restarts += 1
         return self
 
-    def __enter__(self) -> InProcessWorker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()

@@ -14,7 +14,6 @@ last pool using it shuts down, or, through toolkit.pool.reaper, when this proces
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -50,7 +49,7 @@ from toolkit.pool.router import PrefixRouter
 from toolkit.settings import Settings
 from toolkit.telemetry.metrics import MetricsLog
 from toolkit.worker import messages as m
-from toolkit.worker.client import Sink, WorkerState, _beat_inside_a_step, _Pending
+from toolkit.worker.client import ShutsDownOnExit, Sink, WorkerState, _beat_inside_a_step, _Pending
 
 log = logging.getLogger(__name__)
 
@@ -547,7 +546,7 @@ class _Fleet:
 # ---- the handle -----------------------------------------------------------------------------------
 
 
-class WorkerPool:
+class WorkerPool(ShutsDownOnExit):
     """`replicas` model workers on Ray behind one handle. Use `start_worker_pool(...)` to get a started one.
 
     Same interface as ModelWorker (`info`, `settings`, `submit`, `cancel`, `metrics`, `health()`, `restart()`,
@@ -624,18 +623,6 @@ class WorkerPool:
                 fleet.restart(index)
                 self.restarts[index] += 1
         return self
-
-    def __enter__(self) -> WorkerPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
-    async def __aenter__(self) -> WorkerPool:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self.shutdown)
 
     # ---- looking at it ------------------------------------------------------------------------
 

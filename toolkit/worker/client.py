@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from toolkit.errors import (
     InvalidRequestError,
@@ -362,7 +362,29 @@ def _tail(path: Path, lines: int = 40) -> str:
         return ""
 
 
-class ModelWorker:
+_H = TypeVar("_H", bound="ShutsDownOnExit")
+
+
+class ShutsDownOnExit:
+    """`with` and `async with` for a worker handle (a worker, a pool, an in-process engine): leaving shuts it down."""
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _H) -> _H:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    async def __aenter__(self: _H) -> _H:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.shutdown)
+
+
+class ModelWorker(ShutsDownOnExit):
     """A model running in a spawned process. Use `start_model_worker(settings)` to get a started one."""
 
     def __init__(self, settings: Settings | None = None) -> None:
@@ -404,18 +426,6 @@ class ModelWorker:
             self.start()  # until it returns, the old (closed) connection answers callers with a clear error
             self.restarts += 1
         return self
-
-    def __enter__(self) -> ModelWorker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
-    async def __aenter__(self) -> ModelWorker:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self.shutdown)
 
     # ---- looking at it ------------------------------------------------------------------------
 
