@@ -510,6 +510,32 @@ def test_inprocess_engine_behind_the_same_interface(inprocess: Any) -> None:
         TokenGeneratorPipeline(inprocess).generate([3, 4, 5], max_new_tokens=2)
 
 
+def test_inprocess_streams_are_cancelled_when_the_client_goes(inprocess: Any) -> None:
+    """With the engine on the server's loop, a client that drops its stream still cancels it in the engine at once;
+    before the fix each stream ran to its last token (anyio's cancel of the streaming task never landed)."""
+    from toolkit.api import serve_in_background
+
+    def cancelled(url: str) -> float:
+        for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith("toolkit:request_success_total") and 'finished_reason="cancelled"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    with serve_in_background(inprocess) as server:
+        before = cancelled(server.url)
+        for i in range(4):
+            with httpx.Client(base_url=server.url, timeout=30) as http, http.stream(
+                    "POST", "/v1/completions", json={"model": TINY, "prompt": f"take {i}", "stream": True,
+                                                     "max_tokens": 1900, "ignore_eos": True}) as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ")  # streaming has started; leaving the block hangs up
+        deadline = time.monotonic() + 30
+        while cancelled(server.url) - before < 4 or httpx.get(server.url + "/health").json()["in_flight"]:
+            assert time.monotonic() < deadline, "the dropped streams were not cancelled"
+            time.sleep(0.1)
+        assert cancelled(server.url) - before == 4
+
+
 def test_non_loopback_without_a_key_is_refused() -> None:
     out = subprocess.run([sys.executable, "-m", "toolkit", "serve", "--model", TINY, "--host", "0.0.0.0"],
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,

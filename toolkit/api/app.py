@@ -105,6 +105,22 @@ class ClientGone(Exception):
     """The client disconnected while its non-streaming request was running."""
 
 
+class RunStreamingResponse(StreamingResponse):
+    """A streamed response that cancels its run as soon as the client disconnects.
+
+    Starlette cancels the streaming task on a disconnect, but anyio delivers that cancel only while the task waits on
+    a future that is not done yet. With the engine stepped on the same loop (`--engine inprocess`) every step fills
+    the task's queue before the cancel is tried, so it never lands and the request would run to its last token."""
+
+    def __init__(self, run: Run, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.run = run
+
+    async def listen_for_disconnect(self, receive: Receive) -> None:
+        await super().listen_for_disconnect(receive)
+        self.run.close()  # the streams are done: the generator ends at its next item, the engine frees the blocks
+
+
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Race `work` against the client's disconnect (vLLM's with_cancellation); a disconnect cancels the work, whose
     `finally` cancels the request in the worker."""
@@ -281,8 +297,8 @@ def create_app(worker: Any, embeddings_worker: Any = None, *, api_key: str | Non
             options = body.stream_options
             events = call.stream(run, bool(options and options.include_usage),
                                  bool(options and options.continuous_usage_stats))
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return RunStreamingResponse(run, events, media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             streams = await unless_disconnected(request, run.collect())
         except ClientGone:
