@@ -52,7 +52,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _load(url: str, model: str, streams: int, output_len: int, stop_at: float) -> None:
+def keep_streaming(url: str, model: str, streams: int, output_len: int, stop_at: float) -> None:
     """Keep `streams` completions streaming until `stop_at` (time.time()); a separate process, so the load's own
     client work never delays the probe."""
     import openai
@@ -119,7 +119,7 @@ def measure(engine: str, args: argparse.Namespace) -> dict[str, Any]:
             _wait_healthy(url, server, log)
             idle = _probe(url, 1.0, args.interval_ms / 1000)
             stop_at = time.time() + args.duration_s + 3.0
-            load = mp.get_context("spawn").Process(target=_load, args=(url, args.model, args.streams,
+            load = mp.get_context("spawn").Process(target=keep_streaming, args=(url, args.model, args.streams,
                                                                        args.output_len, stop_at))
             load.start()
             time.sleep(3.0)  # the streams are admitted and the engine is stepping full batches
