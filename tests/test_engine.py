@@ -148,12 +148,6 @@ def test_cancel_before_scheduling_reports_nan_timings(tiny_engine: Engine) -> No
     assert math.isnan(metrics.ttft_s) and math.isnan(metrics.queued_s) and metrics.e2e_s >= 0
 
 
-def test_engine_signature_accepts_a_loaded_model() -> None:
-    params = inspect.signature(Engine).parameters
-    assert params["model"].kind is inspect.Parameter.KEYWORD_ONLY
-    assert params["tokenizer"].kind is inspect.Parameter.KEYWORD_ONLY
-
-
 # ---- prefix caching: the same greedy tokens with and without the cache --------------------------------------
 
 
