@@ -316,11 +316,11 @@ def test_ctrl_c_in_a_blocking_generate_cancels_it_and_the_worker_keeps_serving(
     presser = threading.Thread(target=press_ctrl_c, daemon=True)
     presser.start()
     with pytest.raises(KeyboardInterrupt):
-        pipe.generate("interrupt me", max_new_tokens=360, ignore_eos=True)
+        pipe.generate("interrupt me", max_new_tokens=2000, ignore_eos=True)  # seconds: the signal lands first
     presser.join(10)
     assert settled_blocks(worker) == 0
     rows = worker.metrics.requests().iloc[seen:]
-    assert list(rows.finish_reason) == ["cancelled"] and rows.output_tokens.iloc[0] < 360
+    assert list(rows.finish_reason) == ["cancelled"] and rows.output_tokens.iloc[0] < 2000
     still_serves(pipe)
 
 
