@@ -49,7 +49,7 @@ from toolkit.pool.router import PrefixRouter
 from toolkit.settings import Settings
 from toolkit.telemetry.metrics import MetricsLog
 from toolkit.worker import messages as m
-from toolkit.worker.client import ShutsDownOnExit, Sink, WorkerState, _beat_inside_a_step, _Pending
+from toolkit.worker.client import ResponseRouter, ShutsDownOnExit, Sink, WorkerState, _Pending
 
 log = logging.getLogger(__name__)
 
@@ -150,28 +150,21 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 # ---- one replica ----------------------------------------------------------------------------------
 
 
-class _Replica:
+class _Replica(ResponseRouter):
     """One actor, its requests in flight and the reader thread that routes its output: the pool's `_Connection`."""
 
     def __init__(self, index: int, settings: Settings, options: dict[str, Any], metrics: MetricsLog,
                  on_hang: Any) -> None:
+        super().__init__(settings, metrics)
         self.index = index
-        self.settings = settings
-        self.metrics = metrics
         self.on_hang = on_hang
         self.actor = _actor_class().options(**options).remote(settings, index)
         self.start_ref = self.actor.start.remote()
-        self.pending: dict[str, _Pending] = {}
-        self.lock = threading.RLock()  # re-entrant: a dropped stream's __del__ may cancel from inside a locked section
         self.state = WorkerState.STARTING
         self.ready: m.Ready | None = None
         self.tokenizer_files: dict[str, bytes] = {}
         self.node: str | None = None
         self.submitted = 0
-        self.last_heard = time.monotonic()
-        self.last_metrics: m.Metrics | None = None
-        self.step_clock: tuple[int, float] | None = None  # (step, monotonic start) of a step heard running now
-        self.hung = False
         self.closing = False
         self.death: str | None = None  # why it died, for health() and errors
         self.thread = threading.Thread(target=self._read_loop, name=f"toolkit-pool-reader-{index}", daemon=True)
@@ -247,14 +240,7 @@ class _Replica:
                     ref = None
                     payload = ray.get(done[0])
                     for message in _from_worker.decode(payload):
-                        self.last_heard = time.monotonic()
-                        if not _beat_inside_a_step(message):
-                            self.hung = False  # its loop moves again: a slow step, not a dead loop
-                            self.step_clock = None  # the loop sent it, so no step is running
-                        try:
-                            self._dispatch(message)
-                        except Exception:  # one bad message must not stop the thread every request depends on
-                            log.exception("could not route %s from replica %d", type(message).__name__, self.index)
+                        self.receive(message)
             except _ActorUnavailable:  # transient (network, node under pressure): ask again
                 time.sleep(POLL_S)
                 continue
@@ -267,35 +253,6 @@ class _Replica:
                 self._on_death(exc)
                 return
             self._check_hang()
-
-    def _dispatch(self, message: object) -> None:
-        if isinstance(message, m.StepOutput):
-            for delta in message.deltas:
-                self._route(delta.request_id, delta, final=delta.finish_reason is not None)
-            for failure in message.failures:
-                self._route(failure.request_id, failure, final=True)
-        elif isinstance(message, m.EmbedResult):
-            self._route(message.request_id, message, final=True)
-        elif isinstance(message, m.Metrics):  # step rows carry wall-clock t: they sort across replicas as they are
-            self.last_metrics = message
-            self.metrics.add(message)
-            if message.step_running_s > 0 and (self.step_clock is None or self.step_clock[0] != message.step):
-                self.step_clock = (message.step, time.monotonic() - message.step_running_s)
-        else:
-            log.warning("unexpected message from replica %d: %r", self.index, type(message).__name__)
-
-    def _route(self, request_id: str, item: object, *, final: bool) -> None:
-        with self.lock:
-            pending = self.pending.pop(request_id, None) if final else self.pending.get(request_id)
-        if pending is not None:
-            pending.sink.deliver(item, final=final)
-
-    def fail_pending(self, error: Exception) -> list[str]:
-        with self.lock:
-            pending, self.pending = self.pending, {}
-        for p in pending.values():
-            p.sink.deliver(error, final=True)
-        return list(pending)
 
     def _on_death(self, exc: BaseException) -> None:
         with self.lock:  # under the lock: no request slips in between the failing and the refusing
@@ -311,28 +268,15 @@ class _Replica:
             f"call restart({self.index})"
         ))
 
-    def _check_hang(self) -> None:
-        """Hung: silent (no heartbeat either) past hang_timeout_s, or one step running past step_timeout_s."""
-        if not self.pending or self.hung:
-            return
-        now, where = time.monotonic(), f"replica {self.index} (pid {self.pid})"
-        silent = now - self.last_heard
-        stuck = now - self.step_clock[1] if self.step_clock else 0.0
-        if silent >= self.settings.hang_timeout_s:
-            why = f"{where} sent nothing for {silent:.1f} s (hang_timeout_s={self.settings.hang_timeout_s})"
-        elif stuck >= self.settings.step_timeout_s:
-            why = (f"{where} has been in one step for {stuck:.1f} s (step_timeout_s={self.settings.step_timeout_s}); "
-                   "it still sends heartbeats")
-        else:
-            return
-        log.error("%s, with %d requests in flight", why, len(self.pending))
-        with self.lock:
-            self.hung = True  # under the lock: no request slips in between the failing and the refusing
-        failed = self.fail_pending(WorkerHungError(why))
+    def _where(self) -> str:
+        return f"replica {self.index} (pid {self.pid})"
+
+    def _cancel_hung(self, request_ids: list[str]) -> None:
         with contextlib.suppress(Exception):
-            self.actor.cancel.remote(failed)  # if it ever wakes, it drops work nobody waits for
-        if self.settings.restart_on_hang:
-            self.on_hang(self.index)
+            self.actor.cancel.remote(request_ids)
+
+    def _after_hang(self) -> None:
+        self.on_hang(self.index)
 
     # ---- looking at it, stopping it -----------------------------------------------------------
 

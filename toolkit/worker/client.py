@@ -96,28 +96,115 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
-class _Connection:
+class ResponseRouter:
+    """What a worker's responses do in the parent, for one worker process or one pool replica: route each to its
+    request's sink, keep the metrics and heartbeats, and call the worker hung when it goes silent or stuck.
+
+    Subclasses say where the responses come from (`_where`), how to drop hung work (`_cancel_hung`), and what to do
+    after a hang (`_after_hang`).
+    """
+
+    def __init__(self, settings: Settings, metrics: MetricsLog) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.pending: dict[str, _Pending] = {}
+        self.lock = threading.RLock()  # re-entrant: a dropped stream's __del__ may cancel from inside a locked section
+        self.last_heard = time.monotonic()
+        self.last_metrics: m.Metrics | None = None  # the latest heartbeat: busy, KV blocks in use now
+        self.step_clock: tuple[int, float] | None = None  # (step, monotonic start) of a step heard running now
+        self.hung = False
+
+    def _where(self) -> str:
+        raise NotImplementedError
+
+    def _cancel_hung(self, request_ids: list[str]) -> None:
+        raise NotImplementedError
+
+    def _after_hang(self) -> None:
+        raise NotImplementedError
+
+    def receive(self, message: object) -> None:
+        """One message from the worker: proof of life, then routed; a bad one is logged, never raised."""
+        self.last_heard = time.monotonic()
+        if not _beat_inside_a_step(message):
+            self.hung = False  # its loop moves again: a slow step, not a dead loop
+            self.step_clock = None  # the loop sent it, so no step is running (beats are never late)
+        try:
+            self._dispatch(message)
+        except Exception:  # one bad message must not take down the thread every request depends on
+            log.exception("could not route %s from %s", type(message).__name__, self._where())
+
+    def _dispatch(self, message: object) -> None:
+        if isinstance(message, m.StepOutput):
+            for delta in message.deltas:
+                self._route(delta.request_id, delta, final=delta.finish_reason is not None)
+            for failure in message.failures:
+                self._route(failure.request_id, failure, final=True)
+        elif isinstance(message, m.EmbedResult):
+            self._route(message.request_id, message, final=True)
+        elif isinstance(message, m.Metrics):  # step rows carry wall-clock t: they sort across workers as they are
+            self.last_metrics = message
+            self.metrics.add(message)
+            if message.step_running_s > 0 and (self.step_clock is None or self.step_clock[0] != message.step):
+                self.step_clock = (message.step, time.monotonic() - message.step_running_s)
+        else:
+            self._dispatch_other(message)
+
+    def _dispatch_other(self, message: object) -> None:
+        log.warning("unexpected message from %s: %r", self._where(), type(message).__name__)
+
+    def _route(self, request_id: str, item: object, *, final: bool) -> None:
+        with self.lock:
+            pending = self.pending.pop(request_id, None) if final else self.pending.get(request_id)
+        if pending is not None:
+            pending.sink.deliver(item, final=final)
+
+    def fail_pending(self, error: Exception) -> list[str]:
+        """Hand `error` to every outstanding request; returns their ids."""
+        with self.lock:
+            pending, self.pending = self.pending, {}
+        for p in pending.values():
+            p.sink.deliver(error, final=True)
+        return list(pending)
+
+    def _check_hang(self) -> None:
+        """Hung: silent (no heartbeat either) past hang_timeout_s, or one step running past step_timeout_s."""
+        if not self.pending or self.hung:
+            return
+        now, where = time.monotonic(), self._where()
+        silent = now - self.last_heard
+        stuck = now - self.step_clock[1] if self.step_clock else 0.0
+        if silent >= self.settings.hang_timeout_s:
+            why = f"{where} sent nothing for {silent:.1f} s (hang_timeout_s={self.settings.hang_timeout_s})"
+        elif stuck >= self.settings.step_timeout_s:
+            why = (f"{where} has been in one step for {stuck:.1f} s (step_timeout_s={self.settings.step_timeout_s}); "
+                   "it still sends heartbeats")
+        else:
+            return
+        log.error("%s, with %d requests in flight", why, len(self.pending))
+        with self.lock:
+            self.hung = True  # under the lock: no request slips in between the failing and the refusing
+        failed = self.fail_pending(WorkerHungError(why))
+        self._cancel_hung(failed)  # if it ever wakes, it drops work nobody waits for
+        if self.settings.restart_on_hang:
+            self._after_hang()
+
+
+class _Connection(ResponseRouter):
     """One worker process, its EngineQueue and the I/O thread that routes responses and watches for death."""
 
     def __init__(self, settings: Settings, log_dir: str, metrics: MetricsLog, on_hang: Callable[[], None]) -> None:
+        super().__init__(settings.replace(log_dir=log_dir), metrics)
         self.ipc_dir = tempfile.mkdtemp(prefix="tk-")  # mode 0700: only this user reaches the sockets
-        self.settings = settings.replace(log_dir=log_dir)
-        self.metrics = metrics
         self.on_hang = on_hang
         self.queue = EngineQueue.parent(self.ipc_dir)
         ctx = mp.get_context("spawn")
         self.process = ctx.Process(
             target=worker_process.run, args=(self.settings, self.ipc_dir), name="toolkit-worker", daemon=True
         )
-        self.pending: dict[str, _Pending] = {}
         self.replies: dict[str, queue.SimpleQueue[m.PrefixCacheReset]] = {}  # control calls awaiting the worker
-        self.lock = threading.RLock()  # re-entrant: a dropped stream's __del__ may cancel from inside a locked section
         self.state = WorkerState.STARTING
         self.ready: m.Ready | None = None
-        self.last_heard = time.monotonic()
-        self.last_metrics: m.Metrics | None = None  # the latest heartbeat: busy, KV blocks in use now
-        self.step_clock: tuple[int, float] | None = None  # (step, monotonic start) of a step heard running now
-        self.hung = False
         self.closing = False
         self.thread = threading.Thread(target=self._io_loop, name="toolkit-worker-io", daemon=True)
 
@@ -225,53 +312,20 @@ class _Connection:
         while not self.closing:
             died = self.queue.poll(POLL_S, extra_fds=(sentinel,))
             for message in self.queue.drain():
-                self.last_heard = time.monotonic()
-                if not _beat_inside_a_step(message):
-                    self.hung = False  # its loop moves again: a slow step, not a dead loop
-                    self.step_clock = None  # the loop sent it, so no step is running (beats are never late)
-                try:
-                    self._dispatch(message)
-                except Exception:  # one bad message must not take down the thread every request depends on
-                    log.exception("could not route %s from the worker", type(message).__name__)
+                self.receive(message)
             if died:
                 self._on_death()
                 return
             self._check_hang()
 
-    def _dispatch(self, message: object) -> None:
-        if isinstance(message, m.StepOutput):
-            for delta in message.deltas:
-                self._route(delta.request_id, delta, final=delta.finish_reason is not None)
-            for failure in message.failures:
-                self._route(failure.request_id, failure, final=True)
-        elif isinstance(message, m.EmbedResult):
-            self._route(message.request_id, message, final=True)
-        elif isinstance(message, m.Metrics):
-            self.last_metrics = message
-            self.metrics.add(message)
-            if message.step_running_s > 0 and (self.step_clock is None or self.step_clock[0] != message.step):
-                self.step_clock = (message.step, time.monotonic() - message.step_running_s)
-        elif isinstance(message, m.PrefixCacheReset):
+    def _dispatch_other(self, message: object) -> None:
+        if isinstance(message, m.PrefixCacheReset):
             with self.lock:
                 waiter = self.replies.get(message.id)
             if waiter is not None:
                 waiter.put(message)
         else:
-            log.warning("unexpected message from the worker: %r", type(message).__name__)
-
-    def _route(self, request_id: str, item: object, *, final: bool) -> None:
-        with self.lock:
-            pending = self.pending.pop(request_id, None) if final else self.pending.get(request_id)
-        if pending is not None:
-            pending.sink.deliver(item, final=final)
-
-    def fail_pending(self, error: Exception) -> list[str]:
-        """Hand `error` to every outstanding request; returns their ids."""
-        with self.lock:
-            pending, self.pending = self.pending, {}
-        for p in pending.values():
-            p.sink.deliver(error, final=True)
-        return list(pending)
+            super()._dispatch_other(message)
 
     def _on_death(self) -> None:
         if self.closing:
@@ -285,27 +339,14 @@ class _Connection:
             WorkerCrashedError(f"model worker {self.process.pid} died ({describe_exit(code)}) mid-request", code)
         )
 
-    def _check_hang(self) -> None:
-        """Hung: silent (no heartbeat either) past hang_timeout_s, or one step running past step_timeout_s."""
-        if not self.pending or self.hung:
-            return
-        now, pid = time.monotonic(), self.process.pid
-        silent = now - self.last_heard
-        stuck = now - self.step_clock[1] if self.step_clock else 0.0
-        if silent >= self.settings.hang_timeout_s:
-            why = f"model worker {pid} sent nothing for {silent:.1f} s (hang_timeout_s={self.settings.hang_timeout_s})"
-        elif stuck >= self.settings.step_timeout_s:
-            why = (f"model worker {pid} has been in one step for {stuck:.1f} s "
-                   f"(step_timeout_s={self.settings.step_timeout_s}); it still sends heartbeats")
-        else:
-            return
-        log.error("%s, with %d requests in flight", why, len(self.pending))
-        with self.lock:
-            self.hung = True  # under the lock: no request slips in between the failing and the refusing
-        failed = self.fail_pending(WorkerHungError(why))
-        self.queue.send_request(m.Cancel(failed))  # if it ever wakes, it drops work nobody waits for
-        if self.settings.restart_on_hang:
-            self.on_hang()
+    def _where(self) -> str:
+        return f"model worker {self.process.pid}"
+
+    def _cancel_hung(self, request_ids: list[str]) -> None:
+        self.queue.send_request(m.Cancel(request_ids))
+
+    def _after_hang(self) -> None:
+        self.on_hang()
 
     # ---- shutdown -----------------------------------------------------------------------------
 
