@@ -309,14 +309,24 @@ def test_ctrl_c_in_a_blocking_generate_cancels_it_and_the_worker_keeps_serving(
     assert settled_blocks(worker) == 0
     seen = len(worker.metrics.requests())
 
+    stop, lock = threading.Event(), threading.Lock()
+
     def press_ctrl_c() -> None:
+        """Ctrl-C until generate has raised: one signal can land where nothing turns it into KeyboardInterrupt."""
         wait_until(lambda: worker.health()["in_flight"] > 0, 10, "the request to be submitted")
-        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        while not stop.wait(0.3):
+            with lock:  # never after the main thread has left generate
+                if not stop.is_set():
+                    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
     presser = threading.Thread(target=press_ctrl_c, daemon=True)
     presser.start()
     with pytest.raises(KeyboardInterrupt):
-        pipe.generate("interrupt me", max_new_tokens=2000, ignore_eos=True)  # seconds: the signal lands first
+        try:
+            pipe.generate("interrupt me", max_new_tokens=2000, ignore_eos=True)
+        finally:
+            with lock:
+                stop.set()
     presser.join(10)
     assert settled_blocks(worker) == 0
     rows = worker.metrics.requests().iloc[seen:]
