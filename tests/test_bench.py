@@ -107,6 +107,10 @@ def test_latencies_follow_vllm_definitions() -> None:
     assert summary["exact_token_counts"] and summary["output_tok_s"] == pytest.approx(4.0)
     assert summary["total_tok_s"] == pytest.approx(14.0) and summary["batch_peak"] == 3
     assert summary["achieved_gflops"] == pytest.approx((2 * 100 * 4 + 2 * 60 * 10) / 1e9)
+    cached = SystemRun("x", records=[record], started_at=1.0, prefix_cache_hit_rate=0.5)
+    cached_summary = summarize(cached, {"num_params": 100, "lm_head_params": 40, "gemm_gflops": 1e-6})
+    assert cached_summary["achieved_gflops"] == pytest.approx((2 * 100 * 4 + 2 * 60 * 5) / 1e9)  # hits cost nothing
+    assert cached_summary["total_tok_s"] == summary["total_tok_s"]  # vLLM's total counts every prompt token
     short = SystemRun("y", records=[RequestRecord(0, 10, 5, 0.0, [0.1], [4], True)], started_at=0.0)
     assert summarize(short, {})["exact_token_counts"] is False
 

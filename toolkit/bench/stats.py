@@ -44,6 +44,11 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
     return float(ms.mean()), float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
+def computed_prompt_tokens(prompt_tokens: int, hit_rate: float) -> float:
+    """Prompt tokens the model actually ran: those served from the prefix cache cost no FLOPs (NaN rate: none)."""
+    return prompt_tokens * (1.0 - hit_rate) if math.isfinite(hit_rate) else float(prompt_tokens)
+
+
 def summarize(run: SystemRun, probe: dict[str, Any]) -> dict[str, Any]:
     """Every metric in METRICS (NaN where a system cannot know it), plus the run's error and note."""
     done = [r for r in run.records if r.chunk_times]
@@ -70,7 +75,8 @@ def summarize(run: SystemRun, probe: dict[str, Any]) -> dict[str, Any]:
     summary["batch_peak"] = float(sizes.max()) if sizes.size else math.nan
     summary["peak_rss_mib"] = run.peak_rss_bytes / 2**20 if run.peak_rss_bytes else math.nan
     summary["load_s"] = run.load_s
-    flops = model_flops(probe.get("num_params", 0), probe.get("lm_head_params", 0), prompt_tokens, output_tokens)
+    flops = model_flops(probe.get("num_params", 0), probe.get("lm_head_params", 0),
+                        computed_prompt_tokens(prompt_tokens, run.prefix_cache_hit_rate), output_tokens)
     summary["gemm_gflops"] = probe.get("gemm_gflops", math.nan)
     summary["achieved_gflops"] = rate(flops / 1e9)
     summary["roofline_frac"] = summary["achieved_gflops"] / summary["gemm_gflops"]

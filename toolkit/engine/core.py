@@ -157,6 +157,7 @@ class Engine:
         if seq is not None:
             self._retire(seq)
         return seq is not None
+
     def reset_prefix_cache(self) -> int:
         """Forget every cached prompt block (after a weight change, or for a cold benchmark); returns how many.
 
