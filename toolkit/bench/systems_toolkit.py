@@ -102,8 +102,10 @@ def run_toolkit_ray(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> Syste
         settle_metrics(pool)
         pool.metrics.reset()
         pids = [p for p in pool.pids if p is not None]
+        cpu = time.process_time()
         with RssSampler(pids[0], tuple(pids[1:])) as rss:
             run.records, run.started_at = drive_async(streamer, requests, cfg.max_concurrency, "toolkit-ray")
+        parent_cpu_s = time.process_time() - cpu  # client + pipeline + router + Ray client: what one parent can carry
         settle_metrics(pool)
         steps = pool.metrics.steps()
         run.batch_sizes = steps.batch_size.astype(int).tolist()
@@ -112,7 +114,8 @@ def run_toolkit_ray(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> Syste
         run.note = (f"{cfg.replicas} replicas x {threads} threads; Ray start {t['ray_connect_s']:.1f} s, replicas "
                     f"ready {t['replicas_ready_s']:.1f} s; Ray's own processes {ray_rss / 2**20:.0f} MiB RSS "
                     f"(not in peak RSS); per request: routing {t['route_us']:.0f} us, submit {t['submit_us']:.0f} us; "
-                    f"requests per replica {[r['submitted'] for r in pool.health()['replicas']]}")
+                    f"requests per replica {[r['submitted'] for r in pool.health()['replicas']]}; parent CPU "
+                    f"{parent_cpu_s / max(1, sum(r.num_tokens for r in run.records)) * 1e3:.2f} ms per output token")
     return run
 
 
