@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -14,7 +15,8 @@ from toolkit.embeddings.engine import EmbeddingRecipe, EmbeddingsEngine
 from toolkit.embeddings.scheduler import EmbeddingsScheduler
 from toolkit.errors import ModelNotFoundError
 from toolkit.settings import Settings
-from toolkit.worker.messages import EmbedRequest, EmbedResult, Ready
+from toolkit.telemetry.metrics import MetricsLog
+from toolkit.worker.messages import EmbedRequest, EmbedResult, FromWorker, Metrics, Ready
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -137,6 +139,20 @@ def test_requests_share_steps_and_get_their_own_rows(loaded: tuple, reference: n
     assert sizes == [4, 1]
     assert vectors["z"].shape == (0, 384)
     assert _cosine(np.concatenate([vectors["x"], vectors["y"]]), reference[:5]).min() > 0.9999
+
+
+def test_a_step_row_names_the_request_of_each_text_and_survives_the_wire(loaded: tuple) -> None:
+    """Two requests' texts in one step: the step row says whose texts ran, after msgpack and in MetricsLog."""
+    engine = _engine(loaded, max_batch_size=4)
+    engine.add(EmbedRequest("x", TEXTS[2:5]))
+    engine.add(EmbedRequest("y", TEXTS[2:4]))
+    rows = [engine.step()[1], engine.step()[1]]
+    assert [row.request_ids for row in rows] == [("x", "x", "x", "y"), ("y",)]
+    assert [row.batch_size for row in rows] == [4, 1]
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(Metrics(0.0, False, rows)), type=FromWorker)
+    log = MetricsLog()
+    log.add(wire)
+    assert [tuple(ids) for ids in log.steps().request_ids] == [("x", "x", "x", "y"), ("y",)]
 
 
 def test_cancel_drops_a_queued_request(loaded: tuple) -> None:

@@ -197,7 +197,7 @@ class EmbeddingsEngine:
             kind="embed", batch_size=len(items), prefill_tokens=sum(item.length for item in items), decode_tokens=0,
             num_waiting=self.scheduler.num_waiting, num_running=0, kv_blocks_used=0, kv_blocks_total=0,
             preemptions=0, schedule_ms=schedule_ms, prepare_ms=phases.prepare_ms, forward_ms=phases.forward_ms,
-            sample_ms=phases.sample_ms, update_ms=update_ms,
+            sample_ms=phases.sample_ms, update_ms=update_ms, request_ids=tuple(item.request_id for item in items),
         )
         self._stepping = None
         return results, metrics

@@ -178,6 +178,9 @@ class StepMetrics(msgspec.Struct, array_like=True):
     prefix_cache_queries: int = 0  # tokens of the requests admitted this step that looked up the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found in the cache (not computed)
     kv_blocks_cached: int = 0  # blocks holding a reusable prefix after this step (in use or free)
+    # Embedding steps: the request of each text in the batch, in batch order (one step can hold several requests'
+    # texts). Empty for generation steps, whose batch is one sequence per request already.
+    request_ids: tuple[str, ...] = ()
 
 
 class RequestMetrics(msgspec.Struct, array_like=True):
