@@ -12,11 +12,14 @@ import msgspec
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
 
 from tests.conftest import tiny_settings
 from toolkit import ModelWorker, Settings, TokenGeneratorPipeline, start_model_worker
 from toolkit.engine.request import Sequence
 from toolkit.notebook import Dashboard, panels
+from toolkit.pool.metrics import PoolMetrics
 from toolkit.telemetry.metrics import MetricsLog
 from toolkit.worker import messages as m
 
@@ -382,3 +385,72 @@ def test_live_updates_belong_to_the_cell_that_started_the_dashboard() -> None:
     assert all(u["content"]["transient"]["display_id"] == display_id for u in updates)
     assert all(u["parent_header"]["msg_id"] == start_id for u in updates), "updates stay in the starting cell"
     assert not [msg for msg in fed if msg["msg_type"] in ("display_data", "stream", "error")]
+
+
+# ---- the dashboard on a fake pool ------------------------------------------------------------------------
+
+
+@dataclass
+class FakePool(FakeWorker):
+    """Two replicas' logs merged as WorkerPool merges them, and a health() we set by hand."""
+
+    replicas: list[dict[str, object]] = field(default_factory=list)
+    pool_metrics: PoolMetrics = field(default_factory=lambda: PoolMetrics([MetricsLog(), MetricsLog()]))
+
+    def __post_init__(self) -> None:
+        self.metrics = self.pool_metrics
+        self.replicas = [{"replica": i, "state": "ready", "died": None, "died_at": None} for i in range(2)]
+
+    def health(self) -> dict[str, object]:
+        return {"state": "ready", "replicas": [dict(r) for r in self.replicas]}
+
+
+def pool_steps(pid: int, t0: float) -> list[m.StepMetrics]:
+    return [msgspec.structs.replace(s, t=t0 + s.t, pid=pid) for s in fake_steps(10)]
+
+
+def status_texts(fig: Figure) -> dict[str, str]:
+    """The replica status line (figure-level texts other than the title) and its colours."""
+    return {t.get_text(): to_hex(t.get_color()) for t in fig.texts if t is not fig._suptitle}
+
+
+def test_replica_statuses_read_a_pools_health_and_a_single_worker_has_none() -> None:
+    health = {"replicas": [{"replica": 0, "state": "ready", "died_at": None},
+                           {"replica": 1, "state": "failed", "died_at": 105.0, "died": "ActorDiedError: killed"}]}
+    alive, dead = panels.replica_statuses(health)
+    assert (alive.dead, dead.dead, dead.died) == (False, True, "ActorDiedError: killed")
+    assert alive.label(100.0) == "replica 0 alive"
+    assert dead.label(100.0) == "replica 1 DEAD since t=5.0 s"
+    assert dead.label(None) == "replica 1 DEAD"  # no step logged yet: no time axis to place it on
+    assert panels.ReplicaStatus(2, "starting").label(0.0) == "replica 2 starting"
+    assert panels.replica_statuses({"state": "ready", "pid": 1}) == []  # ModelWorker.health()
+
+
+def test_a_dead_replica_is_marked_with_the_time_it_died_and_restarts_are_told_apart_per_replica() -> None:
+    pool = FakePool(device="cpu")
+    t0 = 1.7e9
+    pool.metrics.logs[0].add(m.Metrics(sent_at=0.0, busy=True, steps=pool_steps(11, t0)))
+    pool.metrics.logs[1].add(m.Metrics(sent_at=0.0, busy=True, steps=pool_steps(21, t0 + 0.05)))
+    dash = Dashboard(pool)  # type: ignore[arg-type]
+    fig = dash.snapshot()
+    assert status_texts(fig) == {"replica 0 alive": to_hex("tab:green"), "replica 1 alive": to_hex("tab:green")}
+    occupancy_panel = fig.axes[0]
+    assert [t.get_text() for t in occupancy_panel.get_legend().get_texts()] == ["replica 0", "replica 1"]
+    assert not [ln for ln in occupancy_panel.get_lines() if ln.get_linestyle() in ("--", "-.")], (
+        "interleaved replicas are not restarts"
+    )
+    dash.refresh()  # a live frame
+    assert dash.refresh(force=False) is False  # nothing new since it
+    start = t0 - 0.09  # the first step began step_ms before it ended: t=0 on the panels
+    pool.replicas[1].update(state="failed", died="ActorDiedError: killed", died_at=start + 3.0)
+    assert dash.refresh(force=False) is True, "a death redraws even when no step follows it"
+    texts = status_texts(dash._figure)
+    assert texts == {"replica 0 alive": to_hex("tab:green"), "replica 1 DEAD since t=3.0 s": to_hex("tab:red")}
+    marks = [ln.get_xdata()[0] for ln in dash._figure.axes[0].get_lines() if ln.get_linestyle() == "-."]
+    assert marks == [pytest.approx(3.0)]
+    pool.metrics.logs[1].add(m.Metrics(sent_at=1.0, busy=True, steps=pool_steps(22, t0 + 5)))  # restarted
+    pool.replicas[1].update(state="ready", died=None, died_at=None)
+    fig = dash.snapshot()
+    assert set(status_texts(fig)) == {"replica 0 alive", "replica 1 alive"}
+    restarts = [ln.get_xdata()[0] for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    assert restarts == [pytest.approx(5.09)], "one restart: replica 1's new process, 5.09 s in"

@@ -22,7 +22,9 @@ class Dashboard:
     """Batch occupancy, tokens/s, queue depth, KV-cache use and prefix-cache hit rate of `worker`, live.
 
     `Dashboard(worker).start()` (or just displaying it) shows the panels and refreshes them every `interval_s`
-    while the worker runs; `stop()` ends that; `snapshot()` and `save(path)` give static copies.
+    while the worker runs; `stop()` ends that; `snapshot()` and `save(path)` give static copies. `worker` may be a
+    WorkerPool: occupancy is then drawn per replica, and a status line marks a dead replica and when it died (a
+    death redraws the panels even when no step follows it).
     """
 
     def __init__(self, worker: ModelWorker, *, interval_s: float = 0.5, window_s: float | None = None) -> None:
@@ -36,7 +38,7 @@ class Dashboard:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._drawn: tuple[int, float] | None = None  # MetricsLog.steps_mark() of the last live frame
+        self._drawn: tuple[object, ...] | None = None  # _mark() of the last live frame
 
     # ---- live ---------------------------------------------------------------------------------
 
@@ -67,8 +69,9 @@ class Dashboard:
         self.refresh()
 
     def refresh(self, *, force: bool = True) -> bool:
-        """Redraw the live panels now; with force=False only if steps arrived since the last frame."""
-        if not force and self.worker.metrics.steps_mark() == self._drawn:
+        """Redraw the live panels now; with force=False only if steps arrived (or a replica changed) since the last
+        frame."""
+        if not force and self._mark(self._replicas()) == self._drawn:
             return False  # checked without building the steps DataFrame, which an idle tick would waste
         png = self._render()
         if self._handle is not None:
@@ -84,8 +87,9 @@ class Dashboard:
 
     def _render(self) -> bytes:
         with self._lock:
-            self._drawn = self.worker.metrics.steps_mark()  # before reading: a step in between only redraws again
-            panels.draw(self._figure, self.worker.metrics.steps(), self._read_view(), self.window_s)
+            replicas = self._replicas()
+            self._drawn = self._mark(replicas)  # before reading: a step in between only redraws again
+            panels.draw(self._figure, self.worker.metrics.steps(), self._read_view(), self.window_s, replicas)
             self.frames += 1
             return panels.render_png(self._figure)
 
@@ -95,7 +99,7 @@ class Dashboard:
         """A new static figure of everything logged so far (renders as PNG when a cell returns it)."""
         show_figures_as_png()
         fig = panels.new_figure()
-        return panels.draw(fig, self.worker.metrics.steps(), self._read_view(), self.window_s)
+        return panels.draw(fig, self.worker.metrics.steps(), self._read_view(), self.window_s, self._replicas())
 
     def save(self, path: str | Path) -> Path:
         """Write snapshot() as a PNG file; returns the path."""
@@ -103,6 +107,15 @@ class Dashboard:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.snapshot().savefig(path, format="png")
         return path
+
+    def _replicas(self) -> list[panels.ReplicaStatus]:
+        """A pool's replicas as its health() reports them; none for a single worker."""
+        health = getattr(self.worker, "health", None)
+        return panels.replica_statuses(health()) if health is not None else []
+
+    def _mark(self, replicas: list[panels.ReplicaStatus]) -> tuple[object, ...]:
+        """What a frame shows: new steps, or a replica that died or came back, call for a new one."""
+        return (self.worker.metrics.steps_mark(), tuple((r.state, r.died_at) for r in replicas))
 
     def _read_view(self) -> panels.WorkerView:
         """Model and device from the worker's Ready message (`info` keeps it after the worker has stopped)."""

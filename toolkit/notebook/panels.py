@@ -1,13 +1,17 @@
 """The Dashboard's five panels, drawn from a `MetricsLog.steps()` DataFrame onto a plain matplotlib Figure.
 
 Plain `Figure` objects (no pyplot) so a background thread can draw without touching pyplot's global state, and
-the inline backend never shows a stray copy.
+the inline backend never shows a stray copy. For a worker pool the steps carry a `replica` column: occupancy is
+drawn per replica, restarts are told apart per replica, and a status line says which replica is alive and which
+died when (`ReplicaStatus`, from the pool's `health()`).
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,7 +26,8 @@ GIB = 1024**3
 # wspace is a fraction of one of the grid's six narrow columns: room for a twin axis label between panels.
 MARGINS = {"left": 0.06, "right": 0.95, "top": 0.9, "bottom": 0.09, "hspace": 0.35, "wspace": 1.4}
 PREFILL_COLOR, DECODE_COLOR, MEMORY_COLOR = "tab:orange", "tab:blue", "tab:gray"
-CACHE_COLOR = "tab:green"
+CACHE_COLOR, DEAD_COLOR = "tab:green", "tab:red"
+POOL_TOP = 0.86  # the grid's top for a pool: room for the replica status line under the title
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +46,47 @@ class WorkerView:
     def device_label(self) -> str:
         """Device figures are GPU figures on CUDA; everywhere else they are the worker's CPU figures."""
         return f"GPU {self.device}" if self.on_gpu else self.device.upper()
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    """One replica of a pool as the dashboard shows it: serving or not, and since when it is dead."""
+
+    index: int
+    state: str  # WorkerState value: "ready", "failed", "starting", "stopped"
+    died_at: float | None = None  # time.time() of its death, the clock of the steps' `t`
+    died: str | None = None  # why, first line
+
+    @property
+    def dead(self) -> bool:
+        return self.state == "failed"
+
+    def label(self, t0: float | None) -> str:
+        """`replica 1 DEAD since t=3.2 s` on the panels' time axis (seconds since the first logged step)."""
+        if not self.dead:
+            return f"replica {self.index} {'alive' if self.state == 'ready' else self.state}"
+        since = "" if self.died_at is None or t0 is None else f" since t={self.died_at - t0:.1f} s"
+        return f"replica {self.index} DEAD{since}"
+
+
+def replica_statuses(health: Mapping[str, Any]) -> list[ReplicaStatus]:
+    """The replicas of a pool's `health()`; empty for a single worker, whose health has no `replicas`."""
+    return [ReplicaStatus(int(r.get("replica", i)), str(r["state"]), r.get("died_at"), r.get("died"))
+            for i, r in enumerate(health.get("replicas") or [])]
+
+
+def time_origin(steps: pd.DataFrame) -> float | None:
+    """The wall-clock time that `since_first_step` makes 0: when the first logged step began."""
+    return None if steps.empty else float(steps.t.iloc[0] - steps.step_ms.iloc[0] / 1000)
+
+
+def restart_times(steps: pd.DataFrame) -> list[float]:
+    """`t` of each step run by a new process of the same worker (per replica in a pool's merged steps)."""
+    if steps.empty:
+        return []
+    owner = steps.replica if "replica" in steps.columns else pd.Series(0, index=steps.index)
+    new_pid = steps.pid.ne(steps.groupby(owner).pid.shift()) & owner.duplicated()
+    return [float(t) for t in steps.t[new_pid]]
 
 
 def throughput(steps: pd.DataFrame, bin_s: float | None = None) -> pd.DataFrame:
@@ -79,19 +125,21 @@ def new_figure() -> Figure:
 
 def since_first_step(steps: pd.DataFrame) -> pd.DataFrame:
     """`t` (wall clock) as seconds since the first logged step began: one axis across worker restarts."""
-    if steps.empty:
-        return steps
-    return steps.assign(t=steps.t - float(steps.t.iloc[0] - steps.step_ms.iloc[0] / 1000))
+    t0 = time_origin(steps)
+    return steps if t0 is None else steps.assign(t=steps.t - t0)
 
 
-def draw(fig: Figure, steps: pd.DataFrame, view: WorkerView, window_s: float | None = None) -> Figure:
+def draw(fig: Figure, steps: pd.DataFrame, view: WorkerView, window_s: float | None = None,
+         replicas: Sequence[ReplicaStatus] = ()) -> Figure:
     """Clear `fig` and draw occupancy, tokens/s and queue depth above KV-cache use and the prefix-cache hit rate,
-    over the last `window_s` seconds."""
+    over the last `window_s` seconds; with `replicas` (a pool), a status line and a red mark where one died."""
     fig.clear()
+    t0 = time_origin(steps)
     steps = since_first_step(steps)
     if window_s is not None and not steps.empty:
         steps = steps[steps.t >= steps.t.iloc[-1] - window_s]
-    grid = fig.add_gridspec(2, 6, **MARGINS)  # three panels on top, two wider ones below
+    margins = {**MARGINS, "top": POOL_TOP} if replicas else MARGINS
+    grid = fig.add_gridspec(2, 6, **margins)  # three panels on top, two wider ones below
     top = [fig.add_subplot(grid[0, 2 * i : 2 * i + 2]) for i in range(3)]
     bottom = [fig.add_subplot(grid[1, 3 * i : 3 * i + 3]) for i in range(2)]
     for ax in (*top[1:], *bottom):
@@ -103,10 +151,15 @@ def draw(fig: Figure, steps: pd.DataFrame, view: WorkerView, window_s: float | N
     _prefix_cache(bottom[1], steps)
     for ax in bottom:
         ax.set_xlabel("seconds since the first logged step")
-    restarts = steps.t[steps.pid.ne(steps.pid.shift())].iloc[1:] if not steps.empty else []
-    for ax in (*top, *bottom):  # a new worker process from here on
-        for t in restarts:
+    deaths = [r.died_at - t0 for r in replicas if r.dead and r.died_at is not None and t0 is not None]
+    for ax in (*top, *bottom):  # a new worker process from here on; a replica died here
+        for t in restart_times(steps):
             ax.axvline(t, color="gray", lw=0.8, ls="--")
+        for t in deaths:
+            ax.axvline(t, color=DEAD_COLOR, lw=1.2, ls="-.")
+    for i, status in enumerate(replicas):
+        fig.text(MARGINS["left"] + i * 0.2, 0.915, status.label(t0), fontsize=10, va="center",
+                 color=DEAD_COLOR if status.dead else CACHE_COLOR, fontweight="bold" if status.dead else "normal")
     if steps.empty:
         for ax in (*top, *bottom):
             ax.text(0.5, 0.5, "no steps yet", ha="center", va="center", transform=ax.transAxes, color="gray")
@@ -125,7 +178,13 @@ def _occupancy(ax: Axes, steps: pd.DataFrame, view: WorkerView) -> None:
     ax.set_title(f"Batch occupancy (batch / max_batch_size={view.max_batch_size})")
     ax.set_ylim(0, 1.05)
     ax.axhline(1.0, color="gray", lw=0.8, ls=":")
-    if not steps.empty:
+    if steps.empty:
+        pass
+    elif "replica" in steps.columns:  # a pool: one line per replica, each from its own steps
+        for replica, own in steps.groupby("replica"):
+            ax.step(own.t, occupancy(own, view.max_batch_size), where="post", label=f"replica {replica}")
+        ax.legend(loc="lower right", fontsize="small")
+    else:
         ax.step(steps.t, occupancy(steps, view.max_batch_size), where="post", color=DECODE_COLOR)
     ax.set_ylabel("occupancy")
 

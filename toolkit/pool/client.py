@@ -167,6 +167,7 @@ class _Replica(ResponseRouter):
         self.submitted = 0
         self.closing = False
         self.death: str | None = None  # why it died, for health() and errors
+        self.died_at: float | None = None  # when (time.time(), the step log's clock): the dashboard marks it
         self.thread = threading.Thread(target=self._read_loop, name=f"toolkit-pool-reader-{index}", daemon=True)
 
     @property
@@ -260,6 +261,7 @@ class _Replica(ResponseRouter):
                 return
             self.state = WorkerState.FAILED
             self.death = _first_line(exc)
+            self.died_at = time.time()
         n = len(self.pending)
         log.error("replica %d (pid %s on %s) died with %d requests in flight: %s",
                   self.index, self.pid, self.node, n, self.death)
@@ -295,6 +297,7 @@ class _Replica(ResponseRouter):
             "busy": beat.busy if beat else None,
             "kv_blocks_used": beat.kv_blocks_used if beat else None,  # as of the last heartbeat
             "died": self.death,
+            "died_at": self.died_at,
             "warnings": list(self.ready.warnings) if self.ready else [],  # e.g. a dtype slow on this CPU
         }
 
@@ -464,7 +467,7 @@ class _Fleet:
         try:
             new.finish_start(time.monotonic() + self.settings.startup_timeout_s)
         except BaseException as exc:
-            new.death = _first_line(exc)
+            new.death, new.died_at = _first_line(exc), time.time()
             new.kill()
             new.reap(self.settings.shutdown_timeout_s)
             new.state = WorkerState.FAILED
