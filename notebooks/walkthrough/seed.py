@@ -45,7 +45,7 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str) -> st
     style = "text-align:left;vertical-align:top;font-size:11px;line-height:1.25"
 
     def cell(code: str) -> str:
-        return f'<td style="{style}"><pre style="margin:0;white-space:pre">{html.escape(code)}</pre></td>'
+        return f'<td style="{style}"><pre style="margin:0;white-space:pre-wrap;overflow-wrap:anywhere">{html.escape(code)}</pre></td>'
 
     return (f'<table style="table-layout:fixed;width:100%"><tr><th style="{style}">{html.escape(left_title)}</th>'
             f'<th style="{style}">{html.escape(right_title)}</th></tr><tr>{cell(left)}{cell(right)}</tr></table>')
