@@ -43,9 +43,10 @@ def _dedent(lines: list[str]) -> str:
 def side_by_side(left_title: str, left: str, right_title: str, right: str) -> str:
     """A two-column HTML table of two code listings, top-aligned, each cell scrolling on its own."""
     style = "text-align:left;vertical-align:top;font-size:11px;line-height:1.25"
+    pre = "margin:0;white-space:pre-wrap;overflow-wrap:anywhere"  # long lines wrap instead of being cut off
 
     def cell(code: str) -> str:
-        return f'<td style="{style}"><pre style="margin:0;white-space:pre-wrap;overflow-wrap:anywhere">{html.escape(code)}</pre></td>'
+        return f'<td style="{style}"><pre style="{pre}">{html.escape(code)}</pre></td>'
 
     return (f'<table style="table-layout:fixed;width:100%"><tr><th style="{style}">{html.escape(left_title)}</th>'
             f'<th style="{style}">{html.escape(right_title)}</th></tr><tr>{cell(left)}{cell(right)}</tr></table>')
