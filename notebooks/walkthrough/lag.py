@@ -29,14 +29,17 @@ async def loop_lag(stop: asyncio.Event, every_s: float = 0.010) -> np.ndarray:
     return np.array(rows)
 
 
-async def step_in_loop(engine: Any, requests: Sequence[m.GenerateRequest]) -> int:
-    """Design (a): the engine stepped on this event loop, yielding to it between steps; returns tokens generated."""
+async def step_in_loop(engine: Any, requests: Sequence[m.GenerateRequest], step_ms: list[float] | None = None) -> int:
+    """Design (a): the engine stepped on this event loop, yielding to it between steps; returns tokens generated.
+    Each step's duration goes to `step_ms` when given."""
     for request in requests:
         engine.add(request)
     tokens = 0
     while engine.has_work:
-        deltas, _ = engine.step()
+        deltas, metrics = engine.step()
         tokens += sum(len(d.token_ids) for d in deltas)
+        if step_ms is not None:
+            step_ms.append(metrics.step_ms)
         await asyncio.sleep(0)  # the loop's other tasks (the probe, an HTTP handler) run only here
     return tokens
 
