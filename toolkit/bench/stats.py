@@ -77,5 +77,8 @@ def summarize(run: SystemRun, probe: dict[str, Any]) -> dict[str, Any]:
     summary["loadavg_1m"] = run.loadavg_1m
     summary["prefix_hit_rate"] = run.prefix_cache_hit_rate
     summary["error"] = run.error
-    summary["note"] = run.note
+    summary["skipped"] = run.skipped
+    summary["note"] = "; ".join(filter(None, [f"skipped: {run.skipped}" if run.skipped else "", run.note]))
+    if run.skipped:
+        summary["exact_token_counts"] = None  # nothing was asked of it: neither yes nor NO
     return summary
