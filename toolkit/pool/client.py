@@ -49,7 +49,7 @@ from toolkit.pool.router import PrefixRouter
 from toolkit.settings import Settings
 from toolkit.telemetry.metrics import MetricsLog
 from toolkit.worker import messages as m
-from toolkit.worker.client import ResponseRouter, ShutsDownOnExit, Sink, WorkerState, _Pending
+from toolkit.worker.client import ResponseRouter, ShutsDownOnExit, Sink, WorkerState, _Pending, host_health
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +296,7 @@ class _Replica(ResponseRouter):
             "kv_blocks_used": beat.kv_blocks_used if beat else None,  # as of the last heartbeat
             "died": self.death,
             "warnings": list(self.ready.warnings) if self.ready else [],  # e.g. a dtype slow on this CPU
+            **host_health(self.ready),
         }
 
     def kill(self) -> None:

@@ -396,7 +396,7 @@ def _beat_inside_a_step(message: object) -> bool:
     return isinstance(message, m.Metrics) and message.step_running_s > 0
 
 
-def _host_health(ready: m.Ready | None) -> dict[str, Any]:
+def host_health(ready: m.Ready | None) -> dict[str, Any]:
     """What the worker found on its host and chose from it (None before the first Ready)."""
     return {
         "cpu_capability": ready.cpu_capability if ready else None,
@@ -518,7 +518,7 @@ class ModelWorker(ShutsDownOnExit):
             "kv_blocks_used": beat.kv_blocks_used if beat else None,  # as of the last heartbeat
             "restarts": self.restarts,
             "warnings": list(conn.ready.warnings) if conn and conn.ready else [],  # e.g. a dtype slow on this CPU
-            **_host_health(conn.ready if conn else None),
+            **host_health(conn.ready if conn else None),
         }
 
     def logs(self, tail: int | None = None) -> str:
