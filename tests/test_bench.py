@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -320,3 +323,108 @@ def test_thread_client_drives_the_worker_through_pipe_generate(tmp_path) -> None
     assert summary["note"].startswith("client: 3 threads calling pipe.generate")
     assert summary["ttft_mean_ms"] == pytest.approx(summary["e2e_mean_ms"])  # no streaming: one chunk a request
     assert "; client: 3 threads calling pipe.generate\nhost: " in data["title"]
+
+
+class FakeLlamaCpp:
+    """The few llama_cpp calls the llama-cpp system makes, over a toy model: the next token is the last one + 1.
+
+    It checks what llama.cpp would: every sequence's positions are contiguous from 0 and its id below n_seq_max.
+    """
+
+    VOCAB = 50
+
+    def __init__(self) -> None:
+        self.kv: dict[int, list[int]] = {}  # seq id -> tokens in its cache, by position
+        self.n_seq_max = 0
+        self.logits: dict[int, ctypes.Array] = {}
+        self.freed: list[str] = []
+
+    def llama_backend_init(self) -> None:
+        pass
+
+    def llama_model_default_params(self) -> types.SimpleNamespace:
+        return types.SimpleNamespace(n_gpu_layers=-1)
+
+    def llama_model_load_from_file(self, path: bytes, params: types.SimpleNamespace) -> str:
+        assert path.endswith(b".gguf") and params.n_gpu_layers == 0
+        return "model"
+
+    def llama_context_default_params(self) -> types.SimpleNamespace:
+        return types.SimpleNamespace()
+
+    def llama_init_from_model(self, model: str, params: types.SimpleNamespace) -> str:
+        self.n_seq_max = params.n_seq_max
+        assert params.n_ctx % params.n_seq_max == 0 and params.n_batch >= params.n_seq_max
+        return "ctx"
+
+    def llama_get_memory(self, ctx: str) -> str:
+        return "memory"
+
+    def llama_model_get_vocab(self, model: str) -> str:
+        return "vocab"
+
+    def llama_vocab_n_tokens(self, vocab: str) -> int:
+        return self.VOCAB
+
+    def llama_batch_init(self, n_tokens: int, embd: int, n_seq_max: int) -> types.SimpleNamespace:
+        return types.SimpleNamespace(n_tokens=0, token=[0] * n_tokens, pos=[0] * n_tokens, n_seq_id=[0] * n_tokens,
+                                     seq_id=[[0] for _ in range(n_tokens)], logits=[0] * n_tokens)
+
+    def llama_decode(self, ctx: str, batch: types.SimpleNamespace) -> int:
+        self.logits.clear()
+        for i in range(batch.n_tokens):
+            seq = batch.seq_id[i][0]
+            assert batch.n_seq_id[i] == 1 and 0 <= seq < self.n_seq_max
+            cache = self.kv.setdefault(seq, [])
+            assert batch.pos[i] == len(cache), (seq, batch.pos[i], len(cache))
+            cache.append(batch.token[i])
+            if batch.logits[i]:
+                row = (ctypes.c_float * self.VOCAB)()
+                row[(batch.token[i] + 1) % self.VOCAB] = 1.0
+                self.logits[i] = row
+        return 0
+
+    def llama_get_logits_ith(self, ctx: str, i: int) -> object:
+        return ctypes.cast(self.logits[i], ctypes.POINTER(ctypes.c_float))
+
+    def llama_memory_seq_rm(self, memory: str, seq: int, p0: int, p1: int) -> bool:
+        assert (p0, p1) == (-1, -1)
+        del self.kv[seq]
+        return True
+
+    def llama_batch_free(self, batch: object) -> None:
+        self.freed.append("batch")
+
+    def llama_free(self, ctx: str) -> None:
+        self.freed.append("ctx")
+
+    def llama_model_free(self, model: str) -> None:
+        self.freed.append("model")
+
+
+def test_llama_cpp_system_batches_sequences_over_the_low_level_api(monkeypatch) -> None:
+    """The serving loop against a fake llama_cpp (the real package is not installable here): positions, sequence
+    ids, chunked prompts, greedy feedback and freed sequences, as llama.cpp would require them."""
+    from toolkit.bench import systems_llamacpp
+
+    fake = FakeLlamaCpp()
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    monkeypatch.setattr(systems_llamacpp, "llama_cpp_available", lambda: True)
+    requests = [BenchRequest(i, [(7 * i + j) % 40 for j in range(5 + 9 * i)], 3 + i, 0.0) for i in range(6)]
+    cfg = BenchConfig(max_batch_size=4, max_batch_tokens=16, threads=1, warmup=1)
+    seen: list[list[int]] = []
+    original = fake.llama_memory_seq_rm
+
+    def remember(memory: str, seq: int, p0: int, p1: int) -> bool:
+        seen.append(list(fake.kv[seq]))
+        return original(memory, seq, p0, p1)
+
+    fake.llama_memory_seq_rm = remember
+    run = systems_llamacpp.run_llama_cpp(cfg, requests)
+    assert run.error is None and not run.skipped and [r.num_tokens for r in run.records] == [3 + i for i in range(6)]
+    assert all(r.done for r in run.records) and max(run.batch_sizes) == 4 and fake.kv == {}
+    assert fake.freed == ["batch", "ctx", "model"]
+    for request in requests:  # each sequence's cache: its prompt, then its greedy tokens (all but the last)
+        prompt, n = request.prompt_ids, request.output_len
+        expected = prompt + [(prompt[-1] + k) % FakeLlamaCpp.VOCAB for k in range(1, n)]
+        assert expected in seen, request.index

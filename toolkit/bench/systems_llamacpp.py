@@ -4,13 +4,15 @@
 Optional: when `llama_cpp` is not importable the system is skipped with a note (building llama-cpp-python from
 source takes more than 30 minutes on 2 cores, so it is no dependency and stays out of `make test`).
 
-UNTESTED HERE: llama-cpp-python was not installed where this was written, so only the skip path has run. The serving
-path follows llama-cpp-python 0.3.x's low-level bindings (module `llama_cpp`: `llama_model_load_from_file`,
-`llama_context_default_params` with `n_seq_max`, `llama_init_from_model`, `llama_get_memory`, `llama_batch_init`,
-`llama_decode`, `llama_get_logits_ith`, `llama_memory_seq_rm`), the calls its own `Llama` class and llama.cpp's
-`examples/batched` make. The high-level `Llama` class decodes one sequence at a time (its context has n_seq_max 1),
-so parallel sequences need these. Greedy sampling (argmax of each sequence's logits) in numpy, EOS ignored, as for
-every other system; the weights stay in the file's own quantization (Q4_1 / Q8_0), whatever `--dtype` says.
+UNTESTED HERE against the real library: llama-cpp-python was not installed where this was written, so only the
+skip path and the serving loop over a fake of the bindings (tests/test_bench.py: positions, sequence ids, chunked
+prompts, greedy feedback, freed sequences) have run. The calls follow llama-cpp-python 0.3.x's low-level bindings
+(module `llama_cpp`: `llama_model_load_from_file`, `llama_context_default_params` with `n_seq_max`,
+`llama_init_from_model`, `llama_get_memory`, `llama_batch_init`, `llama_decode`, `llama_get_logits_ith`,
+`llama_memory_seq_rm`), the calls its own `Llama` class and llama.cpp's `examples/batched` make. The high-level
+`Llama` class decodes one sequence at a time (its context has n_seq_max 1), so parallel sequences need these. Greedy
+sampling (argmax of each sequence's logits) in numpy, EOS ignored, as for every other system; the weights stay in
+the file's own quantization (Q4_1 / Q8_0), whatever `--dtype` says.
 """
 
 from __future__ import annotations
@@ -106,17 +108,20 @@ class LlamaCppStepper:
             seq.slot = self.free_slots.pop()
             self.running.append(seq)
         outputs: list[tuple[int, _Sequence]] = []
+        in_batch: set[int] = set()
         n = 0
         for seq in self.running:  # decodes first: one token each
             if seq.n_past >= len(seq.prompt) and n < self.n_batch:
                 self._put(n, seq.last_token, seq.n_past, seq.slot, True)
                 outputs.append((n, seq))
+                in_batch.add(seq.slot)
                 seq.n_past += 1
                 n += 1
         for seq in self.running:  # then prompt chunks in the budget left
             left = len(seq.prompt) - seq.n_past
             if left > 0 and n < self.n_batch:
                 take = min(left, self.n_batch - n)
+                in_batch.add(seq.slot)
                 for j in range(take):
                     last = seq.n_past + j == len(seq.prompt) - 1
                     self._put(n, seq.prompt[seq.n_past + j], seq.n_past + j, seq.slot, last)
@@ -129,7 +134,7 @@ class LlamaCppStepper:
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
         now = time.perf_counter()
-        self.batch_sizes.append(len({seq.slot for _, seq in outputs}))
+        self.batch_sizes.append(len(in_batch))
         for index, seq in outputs:
             logits = np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
             seq.last_token = int(logits.argmax())
