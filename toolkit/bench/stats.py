@@ -31,7 +31,7 @@ def latencies(records: list[RequestRecord]) -> dict[str, list[float]]:
         e2e = r.chunk_times[-1] - r.sent_at
         out["ttft"].append(ttft)
         out["e2e"].append(e2e)
-        if r.num_tokens > 1:
+        if r.num_tokens > 1 and len(r.chunk_times) > 1:  # all tokens at once (a blocking generate): no TPOT
             out["tpot"].append((e2e - ttft) / (r.num_tokens - 1))
         out["itl"].extend(np.diff(r.chunk_times).tolist())
     return out
