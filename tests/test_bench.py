@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import sys
+import threading
 import time
+import types
 
 import numpy as np
 import pytest
+import torch
 
 from toolkit import models
 from toolkit.bench import SYSTEMS, main
-from toolkit.bench.cli import parse_config, write_outputs
+from toolkit.bench.cli import emulated_dtype, parse_config, write_outputs
 from toolkit.bench.config import BenchConfig
-from toolkit.bench.drivers import drive_async, drive_steps
+from toolkit.bench.drivers import drive_async, drive_steps, drive_threads
 from toolkit.bench.records import RequestRecord, SystemRun
 from toolkit.bench.roofline import param_counts
 from toolkit.bench.stats import METRICS, latencies, summarize
@@ -227,3 +232,203 @@ def test_shared_prefix_run_shows_the_cache_beside_no_cache(tmp_path) -> None:
         assert systems[name]["prefix_hit_rate"] == pytest.approx(3 * 96 / data["workload"]["prompt_tokens"]), name
     assert math.isnan(systems["toolkit-no-cache"]["prefix_hit_rate"])
     assert "prefix hits" in (tmp_path / "shared-prefix-offline-float32.md").read_text()
+
+
+def _native_only_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This host, as far as the benchmark can tell, is the AVX2 EPYC of issue 14: no native bfloat16 / float16."""
+    from toolkit.engine import hardware
+
+    monkeypatch.setattr(hardware, "native_dtype", lambda dtype, device="cpu", flags=None: dtype == torch.float32)
+
+
+def test_bench_refuses_a_bf16_run_on_a_host_without_native_bf16(tmp_path, monkeypatch, capsys) -> None:
+    _native_only_float32(monkeypatch)
+    argv = ["--model", "tiny-random-llama", "--dtype", "bfloat16", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "refusing to benchmark --dtype bfloat16" in err and "--allow-slow-dtype" in err and "float32" in err
+    assert not list(tmp_path.iterdir())  # refused before anything ran or was written
+    assert emulated_dtype(parse_config(["--dtype", "float32"])) == ""  # float32 is never refused
+
+
+@pytest.mark.timeout(240)
+def test_an_allowed_slow_dtype_run_is_marked_and_records_the_host(tmp_path, monkeypatch) -> None:
+    from toolkit.bench import systems_llamacpp
+
+    _native_only_float32(monkeypatch)
+    monkeypatch.setattr(systems_llamacpp, "llama_cpp_available", lambda: False)
+    argv = ["--systems", "toolkit-inprocess,llama-cpp", "--model", "tiny-random-llama", "--dtype", "bfloat16",
+            "--allow-slow-dtype", "--num-requests", "2", "--input-len", "8:16", "--output-len", "2:4",
+            "--kv-cache-gib", "0.02", "--threads", "1", "--no-isolate", "--no-plot", "--out", str(tmp_path)]
+    assert main(argv) == 0  # the skipped llama-cpp does not fail the run
+    data = json.loads((tmp_path / "random-offline-bfloat16.json").read_text())
+    host = data["host"]
+    assert host["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and host["torch_threads"] == 1
+    assert host["gemm_gflops"]["float32"] > 0 and host["gemm_gflops"]["bfloat16"] > 0
+    assert host["mem_bandwidth_gbs"] > 0 and host["emulated_dtype"] and host["threads_rule"].startswith("given")
+    title = data["title"]
+    assert "EMULATED bfloat16" in title and f"\nhost: {host['cpu_model']}, {host['cpu_capability']}" in title
+    assert title.split("\n")[0] in (tmp_path / "random-offline-bfloat16.md").read_text()
+    inprocess, llama = data["systems"]["toolkit-inprocess"], data["systems"]["llama-cpp"]
+    assert inprocess["exact_token_counts"] is True and inprocess["note"].startswith("emulated bfloat16")
+    assert llama["skipped"] == systems_llamacpp.NOT_INSTALLED and llama["exact_token_counts"] is None
+    assert "skipped: llama_cpp (llama-cpp-python) is not installed" in llama["note"]
+    assert "| llama-cpp |" in (tmp_path / "random-offline-bfloat16.md").read_text()
+
+
+def test_llama_cpp_is_skipped_with_a_note_when_not_installed(monkeypatch) -> None:
+    from toolkit.bench import systems_llamacpp
+    from toolkit.bench.systems import run_system
+
+    monkeypatch.setattr(systems_llamacpp, "llama_cpp_available", lambda: False)
+    requests = [BenchRequest(0, [1, 2, 3], 4, 0.0)]
+    run = run_system("llama-cpp", BenchConfig(), requests)
+    assert run.error is None and run.records == [] and run.skipped == systems_llamacpp.NOT_INSTALLED
+    monkeypatch.setattr(systems_llamacpp, "llama_cpp_available", lambda: True)
+    assert run_system("llama-cpp", BenchConfig(model="tiny-random-llama"), requests).skipped.endswith(
+        "llama.cpp serves only GGUF files")
+    assert systems_llamacpp.gguf_file("smollm2-135m-instruct").suffix == ".gguf"
+
+
+def test_thread_driver_runs_each_request_once_within_the_thread_count() -> None:
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0}
+
+    def call(request: BenchRequest) -> int:
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.02)
+        with lock:
+            state["now"] -= 1
+        return request.output_len
+
+    requests = [BenchRequest(i, [1] * 4, 3 + i, 0.0) for i in range(10)]
+    records, started = drive_threads(call, requests, 3, "fake", progress=False)
+    assert [r.num_tokens for r in records] == [3 + i for i in range(10)] and all(r.done for r in records)
+    assert state["peak"] == 3 and all(r.sent_at >= started and len(r.chunk_times) == 1 for r in records)
+
+    def broken(request: BenchRequest) -> int:
+        raise RuntimeError(f"request {request.index} failed")
+
+    with pytest.raises(RuntimeError, match="failed"):
+        drive_threads(broken, requests, 3, "fake", progress=False)
+
+
+@pytest.mark.timeout(240)
+def test_thread_client_drives_the_worker_through_pipe_generate(tmp_path) -> None:
+    argv = ["--systems", "toolkit", "--client", "threads", "--client-threads", "3", "--model", "tiny-random-llama",
+            "--num-requests", "5", "--input-len", "8:24", "--output-len", "2:6", "--kv-cache-gib", "0.02",
+            "--threads", "1", "--no-plot", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "random-offline-float32-threads-client.json").read_text())
+    summary = data["systems"]["toolkit"]
+    assert summary["exact_token_counts"] is True and summary["completed"] == 5
+    assert summary["note"].startswith("client: 3 threads calling pipe.generate")
+    assert summary["ttft_mean_ms"] == pytest.approx(summary["e2e_mean_ms"])  # no streaming: one chunk a request
+    assert "; client: 3 threads calling pipe.generate\nhost: " in data["title"]
+
+
+class FakeLlamaCpp:
+    """The few llama_cpp calls the llama-cpp system makes, over a toy model: the next token is the last one + 1.
+
+    It checks what llama.cpp would: every sequence's positions are contiguous from 0 and its id below n_seq_max.
+    """
+
+    VOCAB = 50
+
+    def __init__(self) -> None:
+        self.kv: dict[int, list[int]] = {}  # seq id -> tokens in its cache, by position
+        self.n_seq_max = 0
+        self.logits: dict[int, ctypes.Array] = {}
+        self.freed: list[str] = []
+
+    def llama_backend_init(self) -> None:
+        pass
+
+    def llama_model_default_params(self) -> types.SimpleNamespace:
+        return types.SimpleNamespace(n_gpu_layers=-1)
+
+    def llama_model_load_from_file(self, path: bytes, params: types.SimpleNamespace) -> str:
+        assert path.endswith(b".gguf") and params.n_gpu_layers == 0
+        return "model"
+
+    def llama_context_default_params(self) -> types.SimpleNamespace:
+        return types.SimpleNamespace()
+
+    def llama_init_from_model(self, model: str, params: types.SimpleNamespace) -> str:
+        self.n_seq_max = params.n_seq_max
+        assert params.n_ctx % params.n_seq_max == 0 and params.n_batch >= params.n_seq_max
+        return "ctx"
+
+    def llama_get_memory(self, ctx: str) -> str:
+        return "memory"
+
+    def llama_model_get_vocab(self, model: str) -> str:
+        return "vocab"
+
+    def llama_vocab_n_tokens(self, vocab: str) -> int:
+        return self.VOCAB
+
+    def llama_batch_init(self, n_tokens: int, embd: int, n_seq_max: int) -> types.SimpleNamespace:
+        return types.SimpleNamespace(n_tokens=0, token=[0] * n_tokens, pos=[0] * n_tokens, n_seq_id=[0] * n_tokens,
+                                     seq_id=[[0] for _ in range(n_tokens)], logits=[0] * n_tokens)
+
+    def llama_decode(self, ctx: str, batch: types.SimpleNamespace) -> int:
+        self.logits.clear()
+        for i in range(batch.n_tokens):
+            seq = batch.seq_id[i][0]
+            assert batch.n_seq_id[i] == 1 and 0 <= seq < self.n_seq_max
+            cache = self.kv.setdefault(seq, [])
+            assert batch.pos[i] == len(cache), (seq, batch.pos[i], len(cache))
+            cache.append(batch.token[i])
+            if batch.logits[i]:
+                row = (ctypes.c_float * self.VOCAB)()
+                row[(batch.token[i] + 1) % self.VOCAB] = 1.0
+                self.logits[i] = row
+        return 0
+
+    def llama_get_logits_ith(self, ctx: str, i: int) -> object:
+        return ctypes.cast(self.logits[i], ctypes.POINTER(ctypes.c_float))
+
+    def llama_memory_seq_rm(self, memory: str, seq: int, p0: int, p1: int) -> bool:
+        assert (p0, p1) == (-1, -1)
+        del self.kv[seq]
+        return True
+
+    def llama_batch_free(self, batch: object) -> None:
+        self.freed.append("batch")
+
+    def llama_free(self, ctx: str) -> None:
+        self.freed.append("ctx")
+
+    def llama_model_free(self, model: str) -> None:
+        self.freed.append("model")
+
+
+def test_llama_cpp_system_batches_sequences_over_the_low_level_api(monkeypatch) -> None:
+    """The serving loop against a fake llama_cpp (the real package is not installable here): positions, sequence
+    ids, chunked prompts, greedy feedback and freed sequences, as llama.cpp would require them."""
+    from toolkit.bench import systems_llamacpp
+
+    fake = FakeLlamaCpp()
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    monkeypatch.setattr(systems_llamacpp, "llama_cpp_available", lambda: True)
+    requests = [BenchRequest(i, [(7 * i + j) % 40 for j in range(5 + 9 * i)], 3 + i, 0.0) for i in range(6)]
+    cfg = BenchConfig(max_batch_size=4, max_batch_tokens=16, threads=1, warmup=1)
+    seen: list[list[int]] = []
+    original = fake.llama_memory_seq_rm
+
+    def remember(memory: str, seq: int, p0: int, p1: int) -> bool:
+        seen.append(list(fake.kv[seq]))
+        return original(memory, seq, p0, p1)
+
+    fake.llama_memory_seq_rm = remember
+    run = systems_llamacpp.run_llama_cpp(cfg, requests)
+    assert run.error is None and not run.skipped and [r.num_tokens for r in run.records] == [3 + i for i in range(6)]
+    assert all(r.done for r in run.records) and max(run.batch_sizes) == 4 and fake.kv == {}
+    assert fake.freed == ["batch", "ctx", "model"]
+    for request in requests:  # each sequence's cache: its prompt, then its greedy tokens (all but the last)
+        prompt, n = request.prompt_ids, request.output_len
+        expected = prompt + [(prompt[-1] + k) % FakeLlamaCpp.VOCAB for k in range(1, n)]
+        assert expected in seen, request.index

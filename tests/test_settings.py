@@ -13,7 +13,7 @@ from toolkit import Settings
 def test_defaults_are_the_documented_ones() -> None:
     s = Settings()
     assert (s.model, s.device, s.dtype) == ("smollm2-135m-instruct", "auto", "auto")
-    assert s.max_batch_size == 32 and s.max_batch_tokens == 512
+    assert s.max_batch_size == 32 and s.max_batch_tokens is None and s.num_threads is None  # None: the host decides
 
 
 def test_every_field_reads_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:

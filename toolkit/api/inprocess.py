@@ -27,7 +27,7 @@ from toolkit.errors import QueueFullError, WorkerNotRunningError
 from toolkit.settings import Settings
 from toolkit.telemetry.metrics import MetricsLog
 from toolkit.worker import messages as m
-from toolkit.worker.client import ShutsDownOnExit, Sink, WorkerState
+from toolkit.worker.client import ShutsDownOnExit, Sink, WorkerState, host_health
 from toolkit.worker.process import IDLE_POLL_S
 
 log = logging.getLogger("toolkit.api")
@@ -217,7 +217,8 @@ class InProcessWorker(ShutsDownOnExit):
         beat = self._last_metrics
         return {"state": self.state.value, "alive": self.is_alive(), "pid": self.pid, "heartbeat_age_s": 0.0,
                 "in_flight": len(self._pending), "hung": False, "busy": beat.busy if beat else None,
-                "kv_blocks_used": beat.kv_blocks_used if beat else None, "restarts": self.restarts}
+                "kv_blocks_used": beat.kv_blocks_used if beat else None, "restarts": self.restarts,
+                **host_health(self._info)}
 
     def shutdown(self) -> None:
         """Stop the engine (the step task sends its last metrics first when a loop is stepping it); fail what is in

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import time
@@ -10,7 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import KNOWN_SYSTEMS, BenchConfig
+from toolkit.engine.hardware import HostInfo, choose_num_threads, probe_host
+
+from .config import CLIENTS, KNOWN_SYSTEMS, BenchConfig
 from .records import SystemRun
 from .report import machine_info, markdown, plot, show, write_json
 from .roofline import gemm_gflops
@@ -51,10 +54,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential-limit", type=int, default=d.sequential_limit,
                    help="hf-sequential: only the first N requests (0: all; it makes ~16 tok/s here)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed warm-up requests per system")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per process (default: torch's)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads per process (default: one per physical core this process may use)")
     p.add_argument("--replicas", type=int, default=d.replicas, help="toolkit-ray: model-worker replicas")
     p.add_argument("--threads-per-replica", type=int, default=d.threads_per_replica,
                    help="toolkit-ray: CPUs and torch threads per replica (default: --threads / --replicas)")
+    p.add_argument("--client", choices=CLIENTS, default=d.client,
+                   help="how toolkit / toolkit-no-cache are fed: asyncio tasks on pipe.astream, or --client-threads "
+                        "Python threads each calling pipe.generate (a user's first try)")
+    p.add_argument("--client-threads", type=int, default=d.client_threads, help="--client threads: how many")
+    p.add_argument("--allow-slow-dtype", action="store_true",
+                   help="run a bfloat16 / float16 that this host would emulate (refused otherwise); rows are marked")
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run systems in this process")
     p.add_argument("--no-plot", dest="plot", action="store_false")
     return p
@@ -73,12 +83,24 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
         p.error(f"unknown systems {unknown}: choose from {', '.join(KNOWN_SYSTEMS)}")
     if args.prefix_len < 1:
         p.error("--prefix-len must be at least 1")
+    if args.client_threads < 1:
+        p.error("--client-threads must be at least 1")
     fields = vars(args) | {"systems": systems, "input_len": parse_range(args.input_len),
                            "output_len": parse_range(args.output_len)}
     return BenchConfig(**fields)
 
 
-def header(cfg: BenchConfig, probe: dict[str, Any]) -> str:
+def header(cfg: BenchConfig, probe: dict[str, Any], host: HostInfo | None = None, slow: str = "") -> str:
+    """The table title: the workload, the model and dtype, the roofline's GEMM, then the host record on its own line."""
+    title = _workload_line(cfg, probe)
+    if slow:
+        title += f"; EMULATED {cfg.dtype}: {slow}"
+    if cfg.client != "asyncio":
+        title += f"; client: {cfg.client_threads} threads calling pipe.generate"
+    return title + (f"\nhost: {host.title()}" if host is not None else "")
+
+
+def _workload_line(cfg: BenchConfig, probe: dict[str, Any]) -> str:
     lens = {"random": f"prompts {cfg.input_len[0]}-{cfg.input_len[1]}", "chat": "chat prompts",
             "shared-prefix": f"a shared {cfg.prefix_len}-token prefix + {SHARED_PREFIX_UNIQUE[0]}-"
                              f"{SHARED_PREFIX_UNIQUE[1]} unique tokens"}[cfg.workload]
@@ -112,8 +134,51 @@ def measure(name: str, cfg: BenchConfig, requests: list[BenchRequest]) -> System
     run.loadavg_1m = os.getloadavg()[0]
     tokens = sum(r.num_tokens for r in run.records)
     status = f"FAILED: {run.error.splitlines()[0]}" if run.error else f"{tokens} tokens"
+    status = f"skipped: {run.skipped}" if run.skipped else status
     print(f"{name}: {status} ({time.perf_counter() - started:.0f} s with start-up)", flush=True)
     return run
+
+
+def emulated_dtype(cfg: BenchConfig) -> str:
+    """Why cfg.dtype would run emulated on cfg.device, or '' where the hardware does it (float32 always)."""
+    import torch
+
+    from toolkit import models
+    from toolkit.engine.hardware import NATIVE_FLAGS, cpu_capability, native_dtype
+
+    if cfg.dtype == "float32":
+        return ""
+    device = models.resolve_device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    if native_dtype(dtype, device):
+        return ""
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)} has no native {cfg.dtype}"
+    needs = " / ".join(sorted(f.upper() for f in NATIVE_FLAGS.get(dtype, ()) if f.startswith(("avx", "amx"))))
+    return (f"this CPU ({cpu_capability() or device}) has no {needs}: torch emulates {cfg.dtype}, up to 100x slower "
+            "than float32 (1.2 against 125 GFLOP/s on an AVX2 EPYC)")
+
+
+def refuse_slow_dtype(cfg: BenchConfig) -> str:
+    """The mark for every row when --allow-slow-dtype lets an emulated dtype run; InvalidRequestError without it."""
+    from toolkit.errors import InvalidRequestError
+
+    slow = emulated_dtype(cfg)
+    if slow and not cfg.allow_slow_dtype:
+        raise InvalidRequestError(
+            f"refusing to benchmark --dtype {cfg.dtype}: {slow}. Use --dtype float32, or --allow-slow-dtype to run it "
+            "anyway with every row marked as emulated"
+        )
+    return slow
+
+
+def host_probe(cfg: BenchConfig) -> HostInfo:
+    """The host record (CPU, capability, flags, float32 / bfloat16 GEMM, memory bandwidth) with the run's threads."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return probe_host(min_s=0.3)
 
 
 def machine_probe(cfg: BenchConfig, device: str) -> dict[str, Any]:
@@ -133,23 +198,33 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """
     from toolkit import models
 
+    slow = refuse_slow_dtype(cfg)
+    threads_rule = ""
+    if cfg.threads is None:  # every system gets the worker's own default, so they all run with the same threads
+        threads, threads_rule = choose_num_threads()
+        cfg = dataclasses.replace(cfg, threads=threads)
     tokenizer = models.load_tokenizer(cfg.model)
     requests = build_workload(tokenizer, cfg.workload, cfg.num_requests, cfg.input_len, cfg.output_len, cfg.seed,
                               cfg.request_rate, cfg.prefix_len)
     probe = isolated(cfg, probe_model, cfg)
+    host = host_probe(cfg)
     before = machine_probe(cfg, probe["device"])
     probe |= {"gemm_gflops": before["gemm_gflops"]}
-    print(header(cfg, probe), flush=True)
+    print(header(cfg, probe, host, slow), flush=True)
     runs = [measure(name, cfg, requests) for name in cfg.systems]
+    for run in runs if slow else ():
+        run.note = "; ".join(filter(None, [f"emulated {cfg.dtype}", run.note]))
     after = machine_probe(cfg, probe["device"])
     probe |= {"gemm_gflops": max(before["gemm_gflops"], after["gemm_gflops"]), "gemm_gflops_before":
               before["gemm_gflops"], "gemm_gflops_after": after["gemm_gflops"], "loadavg_1m_before":
               before["loadavg_1m"], "loadavg_1m_after": after["loadavg_1m"]}
-    title = header(cfg, probe)
+    title = header(cfg, probe, host, slow)
     summaries = {run.name: summarize(run, probe) for run in runs}
     samples = {run.name: latencies(run.records) for run in runs}
     print("\n" + show(summaries, title), flush=True)
-    data = {"config": cfg.to_dict(), "machine": machine_info(probe), "title": title, "systems": summaries,
+    host_record = host.as_dict() | {"threads_rule": threads_rule or "given (--threads)", "emulated_dtype": slow}
+    data = {"config": cfg.to_dict(), "machine": machine_info(probe), "host": host_record, "title": title,
+            "systems": summaries,
             "samples": samples, "workload": {"prompt_tokens": sum(len(r.prompt_ids) for r in requests),
                                              "output_tokens": sum(r.output_len for r in requests)}}
     write_outputs(cfg, data, summaries, samples, title)
@@ -172,7 +247,8 @@ def write_outputs(cfg: BenchConfig, data: dict[str, Any], summaries: dict[str, d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m toolkit bench`: 0 when every system ran and produced exactly the requested tokens."""
+    """Entry point of `python -m toolkit bench`: 0 when every system that ran produced exactly the requested tokens
+    (a skipped one, e.g. llama-cpp without llama-cpp-python, does not fail the run); 2 when the run was refused."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -180,7 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .responsiveness import main as responsiveness
 
         return responsiveness([a for a in argv if a != "--responsiveness"])
+    from toolkit.errors import InvalidRequestError
+
     cfg = parse_config(argv)
-    data = run_bench(cfg)
-    ok = all(s["error"] is None and s["exact_token_counts"] for s in data["systems"].values())
+    try:
+        data = run_bench(cfg)
+    except InvalidRequestError as exc:  # e.g. a dtype this host would emulate, without --allow-slow-dtype
+        print(f"python -m toolkit bench: {exc}", file=sys.stderr, flush=True)
+        return 2
+    ok = all(s["skipped"] or (s["error"] is None and s["exact_token_counts"]) for s in data["systems"].values())
     return 0 if ok else 1

@@ -7,8 +7,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 SYSTEMS = ("toolkit", "toolkit-inprocess", "toolkit-http", "hf-sequential", "hf-static", "hf-cb")  # the default set
-# on request: the worker with prefix caching off beside `toolkit`; replicas on a Ray this process starts
-EXTRA_SYSTEMS = ("toolkit-no-cache", "toolkit-ray")
+# on request: the worker with prefix caching off beside `toolkit`; replicas on a Ray this process starts; llama.cpp
+# on the same GGUF file when llama-cpp-python is installed (skipped with a note otherwise)
+EXTRA_SYSTEMS = ("toolkit-no-cache", "toolkit-ray", "llama-cpp")
+CLIENTS = ("asyncio", "threads")  # how `toolkit` is fed: pipe.astream tasks, or threads each calling pipe.generate
 KNOWN_SYSTEMS = SYSTEMS + EXTRA_SYSTEMS
 
 
@@ -38,6 +40,9 @@ class BenchConfig:
     threads: int | None = None  # torch threads in every process; None: torch's default
     replicas: int = 2  # toolkit-ray: model-worker replicas (Ray actors)
     threads_per_replica: int | None = None  # toolkit-ray: CPUs and torch threads of each; None: threads / replicas
+    client: str = "asyncio"  # toolkit / toolkit-no-cache: "asyncio" (astream tasks) or "threads" (pipe.generate)
+    client_threads: int = 32  # client "threads": how many threads (also the concurrency limit)
+    allow_slow_dtype: bool = False  # run a bfloat16 / float16 the device would emulate (rows marked); False: refuse
     isolate: bool = True  # each system in its own spawned process (clean memory, a crash stays contained)
     plot: bool = True
 
@@ -52,7 +57,8 @@ class BenchConfig:
     @property
     def stem(self) -> str:
         """File name stem of the results: one file set per workload, mode and dtype; a rerun replaces it."""
-        return f"{self.workload}-{self.mode}-{self.dtype}" + ("" if self.prefix_cache else "-no-prefix-cache")
+        return (f"{self.workload}-{self.mode}-{self.dtype}" + ("" if self.prefix_cache else "-no-prefix-cache")
+                + ("" if self.client == "asyncio" else f"-{self.client}-client"))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

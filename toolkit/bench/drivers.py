@@ -1,7 +1,8 @@
 """Two ways to feed a workload to a system, both honouring arrival times and --max-concurrency as vLLM does.
 
 `drive_steps` is for systems we step ourselves in this thread (the in-process engine, `model.generate`);
-`drive_async` is for systems that push results from elsewhere (the worker process, transformers' CB thread).
+`drive_async` is for systems that push results from elsewhere (the worker process, transformers' CB thread);
+`drive_threads` is the client a user writes first: Python threads, each calling a blocking `generate`.
 A request's clock starts when it is sent (after waiting for a concurrency slot), as in vLLM's benchmark.
 """
 
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
 from tqdm.auto import tqdm
@@ -102,4 +104,48 @@ async def _drive_async(
                 bar.update()
 
         await asyncio.gather(*(one(r, rec) for r, rec in zip(requests, records, strict=True)))
+    return records, started
+
+
+def drive_threads(
+    call: Callable[[BenchRequest], int], requests: Sequence[BenchRequest], num_threads: int, desc: str,
+    progress: bool = True,
+) -> tuple[list[RequestRecord], float]:
+    """`num_threads` Python threads, each taking the next request in arrival order and making one blocking call.
+
+    A user's first try at concurrency: `threading` around `pipe.generate`. The call returns the number of tokens
+    it got; they all count as arriving when it returns (no streaming: TTFT = E2E and there is no ITL). The number
+    of threads is the concurrency limit. An exception in any thread stops the others and is raised here.
+    """
+    records = new_records(requests)
+    waiting = deque(sorted(zip(requests, records, strict=True), key=lambda pair: pair[0].arrival_s))
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+    started = time.perf_counter()
+    with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress) as bar:
+
+        def worker() -> None:
+            while not failures:
+                with lock:
+                    if not waiting:
+                        return
+                    request, record = waiting.popleft()
+                time.sleep(max(0.0, started + request.arrival_s - time.perf_counter()))
+                record.sent_at = time.perf_counter()
+                try:
+                    record.add_chunk(call(request))
+                except BaseException as exc:  # re-raised in the calling thread below
+                    failures.append(exc)
+                    return
+                record.done = True
+                bar.update()
+
+        threads = [threading.Thread(target=worker, name=f"{desc}-client-{i}", daemon=True)
+                   for i in range(max(1, num_threads))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if failures:
+        raise failures[0]
     return records, started

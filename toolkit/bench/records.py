@@ -41,5 +41,6 @@ class SystemRun:
     load_s: float = 0.0
     loadavg_1m: float = 0.0  # the machine's 1-minute load average when the system finished (the cores are shared)
     error: str | None = None
+    skipped: str = ""  # why the system did not run at all (e.g. its library is not installed); not a failure
     note: str = ""
     prefix_cache_hit_rate: float = math.nan  # prompt tokens served from the prefix cache / looked up (toolkit only)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import textwrap
 from pathlib import Path
@@ -67,19 +66,15 @@ def _cell(value: Any) -> str:
 
 
 def machine_info(probe: dict[str, Any]) -> dict[str, Any]:
+    """The software and the model probe; the CPU itself is in the run's `host` record (engine.hardware.probe_host)."""
     import torch
     import transformers
 
-    cpu = platform.processor()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from toolkit.engine.hardware import cpu_model, usable_cpus
+
     return {
-        "cpu": cpu, "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        **probe,
+        "cpu": cpu_model(), "cpus_usable": len(usable_cpus()), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, **probe,
     }
 
 

@@ -31,7 +31,7 @@ def latencies(records: list[RequestRecord]) -> dict[str, list[float]]:
         e2e = r.chunk_times[-1] - r.sent_at
         out["ttft"].append(ttft)
         out["e2e"].append(e2e)
-        if r.num_tokens > 1:
+        if r.num_tokens > 1 and len(r.chunk_times) > 1:  # all tokens at once (a blocking generate): no TPOT
             out["tpot"].append((e2e - ttft) / (r.num_tokens - 1))
         out["itl"].extend(np.diff(r.chunk_times).tolist())
     return out
@@ -83,5 +83,8 @@ def summarize(run: SystemRun, probe: dict[str, Any]) -> dict[str, Any]:
     summary["loadavg_1m"] = run.loadavg_1m
     summary["prefix_hit_rate"] = run.prefix_cache_hit_rate
     summary["error"] = run.error
-    summary["note"] = run.note
+    summary["skipped"] = run.skipped
+    summary["note"] = "; ".join(filter(None, [f"skipped: {run.skipped}" if run.skipped else "", run.note]))
+    if run.skipped:
+        summary["exact_token_counts"] = None  # nothing was asked of it: neither yes nor NO
     return summary

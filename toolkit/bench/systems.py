@@ -12,6 +12,7 @@ from .config import BenchConfig
 from .records import SystemRun
 from .systems_hf import run_hf_cb, run_hf_sequential, run_hf_static
 from .systems_http import run_toolkit_http
+from .systems_llamacpp import run_llama_cpp
 from .systems_toolkit import run_toolkit, run_toolkit_inprocess, run_toolkit_no_cache, run_toolkit_ray
 from .workloads import BenchRequest
 
@@ -24,6 +25,7 @@ RUNNERS: dict[str, Callable[[BenchConfig, Sequence[BenchRequest]], SystemRun]] =
     "hf-sequential": run_hf_sequential,
     "hf-static": run_hf_static,
     "hf-cb": run_hf_cb,
+    "llama-cpp": run_llama_cpp,
 }
 
 

@@ -14,7 +14,7 @@ from toolkit.settings import Settings
 from toolkit.worker.messages import GenerateRequest
 
 from .config import BenchConfig
-from .drivers import drive_async, drive_steps
+from .drivers import drive_async, drive_steps, drive_threads
 from .memory import RssSampler
 from .records import RequestRecord, SystemRun
 from .workloads import BenchRequest, warmup_requests
@@ -71,13 +71,32 @@ def run_toolkit(cfg: BenchConfig, requests: Sequence[BenchRequest], name: str = 
         worker.reset_prefix_cache()
         worker.metrics.reset()
         with RssSampler(worker.pid) as rss:
-            run.records, run.started_at = drive_async(streamer, requests, cfg.max_concurrency, name)
+            run.records, run.started_at = drive_client(cfg, pipe, streamer, requests, name)
+        if cfg.client == "threads":
+            run.note = f"client: {client_threads(cfg)} threads calling pipe.generate (no streaming: TTFT = E2E)"
         settle_metrics(worker)
         steps = worker.metrics.steps()
         run.batch_sizes = steps.batch_size.astype(int).tolist()
         run.peak_rss_bytes = max(rss.peak, int(steps.rss_bytes.max()) if len(steps) else 0)
         run.prefix_cache_hit_rate = hit_rate(steps.prefix_cache_queries.sum(), steps.prefix_cache_hits.sum())
     return run
+
+
+def client_threads(cfg: BenchConfig) -> int:
+    return min(cfg.client_threads, cfg.max_concurrency or cfg.client_threads)
+
+
+def drive_client(cfg: BenchConfig, pipe: TokenGeneratorPipeline, streamer: PipelineStreamer,
+                 requests: Sequence[BenchRequest], name: str) -> tuple[list[RequestRecord], float]:
+    """The measured run through the pipeline with cfg.client: asyncio tasks on astream, or threads on generate."""
+    if cfg.client == "threads":
+
+        def call(request: BenchRequest) -> int:
+            out = pipe.generate(request.prompt_ids, max_new_tokens=request.output_len, ignore_eos=True)
+            return len(out.token_ids)
+
+        return drive_threads(call, requests, client_threads(cfg), name)
+    return drive_async(streamer, requests, cfg.max_concurrency, name)
 
 
 def run_toolkit_no_cache(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
@@ -194,4 +213,6 @@ def run_toolkit_inprocess(cfg: BenchConfig, requests: Sequence[BenchRequest]) ->
     run.batch_sizes = stepper.batch_sizes
     run.peak_rss_bytes = rss.peak
     run.prefix_cache_hit_rate = hit_rate(stepper.cache_queries, stepper.cache_hits)
+    if cfg.client != "asyncio":
+        run.note = "stepped by the benchmark itself: --client does not apply"
     return run

@@ -19,7 +19,7 @@ import torch
 
 from toolkit import models
 from toolkit.embeddings.scheduler import EmbeddingsScheduler, EmbedItem, EmbedJob
-from toolkit.engine.hardware import hardware_info
+from toolkit.engine.hardware import choose_max_batch_tokens, choose_num_threads, hardware_info
 from toolkit.engine.step_metrics import PhaseTimes, StepProbe
 from toolkit.errors import InvalidRequestError, ModelNotFoundError
 from toolkit.settings import Settings
@@ -87,8 +87,12 @@ class EmbeddingsEngine:
     def __init__(
         self, settings: Settings, *, model: Any = None, tokenizer: Any = None, set_threads: bool = False
     ) -> None:
-        if set_threads and settings.num_threads:  # the worker process sets threads; in-process, only if asked
-            torch.set_num_threads(settings.num_threads)
+        self.auto_knobs: dict[str, str] = {}
+        if set_threads:  # the worker process sets threads; in-process, only if asked
+            threads = settings.num_threads
+            if threads is None:
+                threads, self.auto_knobs["num_threads"] = choose_num_threads()
+            torch.set_num_threads(threads)
         spec = models.resolve(settings.model)
         if model is None:
             model, tokenizer = models.load(settings.model, settings.device, settings.dtype, settings.cache_dir)
@@ -98,7 +102,11 @@ class EmbeddingsEngine:
         self.hardware = hardware_info(self.device, self.dtype)
         model_limit = int(getattr(model.config, "max_position_embeddings", 512))
         self.recipe = EmbeddingRecipe.from_dir(spec.source, min(model_limit, tokenizer.model_max_length))
-        self.scheduler = EmbeddingsScheduler(settings.max_batch_size, settings.max_batch_tokens)
+        self.max_batch_tokens, self.gemm_gflops = settings.max_batch_tokens, 0.0
+        if self.max_batch_tokens is None:
+            self.max_batch_tokens, self.gemm_gflops, self.auto_knobs["max_batch_tokens"] = choose_max_batch_tokens(
+                model, self.device, self.dtype, settings.max_batch_size)
+        self.scheduler = EmbeddingsScheduler(settings.max_batch_size, self.max_batch_tokens)
         self._token_ids: dict[str, list[list[int]]] = {}
         self._vectors: dict[str, list[np.ndarray | None]] = {}
         self._finished: list[RequestMetrics] = []
@@ -113,6 +121,8 @@ class EmbeddingsEngine:
             "dtype": str(self.dtype).removeprefix("torch."), "num_kv_blocks": 0, "block_size": 0,
             "max_model_len": self.recipe.max_seq_length, "vocab_size": int(self.model.config.vocab_size),
             "eos_token_ids": [], "num_threads": torch.get_num_threads(), **self.hardware,
+            "max_batch_tokens": self.max_batch_tokens, "gemm_gflops": self.gemm_gflops,
+            "auto_knobs": dict(self.auto_knobs),
         }
 
     @property

@@ -15,7 +15,7 @@ import torch
 
 from toolkit import models
 from toolkit.engine.block_manager import BlockManager
-from toolkit.engine.hardware import hardware_info
+from toolkit.engine.hardware import choose_max_batch_tokens, choose_num_threads, hardware_info
 from toolkit.engine.request import Sequence
 from toolkit.engine.runner import ModelRunner
 from toolkit.engine.scheduler import ScheduledSequence, SchedulerOutput, TokenGenerationScheduler
@@ -35,14 +35,20 @@ class Engine:
 
     The model becomes the engine's: its attention is switched to the paged one, and on CPU in float32 its nn.Linear
     modules may be given faster kernels (`choose_linear_kernels`). torch's thread count is the caller's unless
-    `set_threads=True` applies `settings.num_threads` (the worker process sets it before building the engine).
+    `set_threads=True` applies `settings.num_threads` (the worker process sets it before building the engine), or
+    when that is None the host's choice (`choose_num_threads`); a None `max_batch_tokens` is chosen from a GEMM timed
+    here (`choose_max_batch_tokens`). Each knob the host chose is in `auto_knobs` with the reason.
     """
 
     def __init__(
         self, settings: Settings, *, model: Any = None, tokenizer: Any = None, set_threads: bool = False
     ) -> None:
-        if set_threads and settings.num_threads:
-            torch.set_num_threads(settings.num_threads)
+        self.auto_knobs: dict[str, str] = {}
+        if set_threads:
+            threads = settings.num_threads
+            if threads is None:
+                threads, self.auto_knobs["num_threads"] = choose_num_threads()
+            torch.set_num_threads(threads)
         if model is None:
             device = models.resolve_device(settings.device)
             model, tokenizer = models.load(settings.model, device, settings.dtype, settings.cache_dir)
@@ -59,9 +65,13 @@ class Engine:
         self.notes: list[str] = []  # what the engine changed at load, for Ready.notes and the log
         self.max_model_len = self._max_model_len(settings)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
+        self.max_batch_tokens, self.gemm_gflops = settings.max_batch_tokens, 0.0
+        if self.max_batch_tokens is None:
+            self.max_batch_tokens, self.gemm_gflops, self.auto_knobs["max_batch_tokens"] = choose_max_batch_tokens(
+                model, self.device, self.dtype, settings.max_batch_size)
         self.blocks = BlockManager(self.num_blocks, settings.block_size, enable_caching=settings.enable_prefix_caching)
         self.scheduler = TokenGenerationScheduler(
-            self.blocks, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+            self.blocks, max_batch_size=settings.max_batch_size, max_batch_tokens=self.max_batch_tokens,
             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
         )
         self.runner = ModelRunner(
@@ -87,6 +97,8 @@ class Engine:
             "block_size": self.settings.block_size, "max_model_len": self.max_model_len,
             "vocab_size": self.vocab_size, "eos_token_ids": list(self.eos_token_ids), "notes": list(self.notes),
             "linear_kernel": self.linear_plan.describe(), "num_threads": torch.get_num_threads(), **self.hardware,
+            "max_batch_tokens": self.max_batch_tokens, "gemm_gflops": self.gemm_gflops,
+            "auto_knobs": dict(self.auto_knobs),
         }
 
     def _max_model_len(self, settings: Settings) -> int:

@@ -31,9 +31,16 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """'auto' is float32 on CPU (exact reference) and bfloat16 on CUDA (the fast path)."""
+    """'auto' never picks a type the device would emulate: float32 on CPU and MPS (the exact reference, even where
+    the CPU has native bfloat16: that stays an explicit choice); on CUDA bfloat16 where the GPU does it natively
+    (compute capability 8.0+), else float16 where native, else float32."""
+    from toolkit.engine import hardware
+
     if dtype == "auto":
-        return torch.bfloat16 if resolve_device(device).startswith("cuda") else torch.float32
+        resolved = resolve_device(device)
+        if not resolved.startswith("cuda"):
+            return torch.float32
+        return next((t for t in (torch.bfloat16, torch.float16) if hardware.native_dtype(t, resolved)), torch.float32)
     if dtype not in _DTYPES:
         raise InvalidRequestError(f"unknown dtype {dtype!r}: use auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]

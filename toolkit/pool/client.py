@@ -49,7 +49,7 @@ from toolkit.pool.router import PrefixRouter
 from toolkit.settings import Settings
 from toolkit.telemetry.metrics import MetricsLog
 from toolkit.worker import messages as m
-from toolkit.worker.client import ResponseRouter, ShutsDownOnExit, Sink, WorkerState, _Pending
+from toolkit.worker.client import ResponseRouter, ShutsDownOnExit, Sink, WorkerState, _Pending, host_health
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,7 @@ class _Replica(ResponseRouter):
             "died": self.death,
             "died_at": self.died_at,
             "warnings": list(self.ready.warnings) if self.ready else [],  # e.g. a dtype slow on this CPU
+            **host_health(self.ready),
         }
 
     def kill(self) -> None:

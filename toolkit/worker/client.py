@@ -396,6 +396,17 @@ def _beat_inside_a_step(message: object) -> bool:
     return isinstance(message, m.Metrics) and message.step_running_s > 0
 
 
+def host_health(ready: m.Ready | None) -> dict[str, Any]:
+    """What the worker found on its host and chose from it (None before the first Ready)."""
+    return {
+        "cpu_capability": ready.cpu_capability if ready else None,
+        "native_bf16": ready.native_bf16 if ready else None,
+        "num_threads": ready.num_threads if ready else None,
+        "max_batch_tokens": ready.max_batch_tokens if ready else None,
+        "auto_knobs": dict(ready.auto_knobs) if ready else {},
+    }
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -507,6 +518,7 @@ class ModelWorker(ShutsDownOnExit):
             "kv_blocks_used": beat.kv_blocks_used if beat else None,  # as of the last heartbeat
             "restarts": self.restarts,
             "warnings": list(conn.ready.warnings) if conn and conn.ready else [],  # e.g. a dtype slow on this CPU
+            **host_health(conn.ready if conn else None),
         }
 
     def logs(self, tail: int | None = None) -> str:

@@ -84,6 +84,12 @@ class Ready(msgspec.Struct, tag=True):
     num_threads: int = 0  # torch threads in the worker
     cpu_capability: str = ""  # torch.backends.cpu.get_cpu_capability(): "AVX512", "AVX2", ...
     warnings: list[str] = []  # e.g. a dtype this CPU has no native arithmetic for
+    cpu_model: str = ""  # /proc/cpuinfo's model name, e.g. "AMD EPYC 7B13"
+    native_bf16: bool = False  # the worker's device does bfloat16 in hardware (AVX512_BF16 / AMX on CPU, sm80+ CUDA)
+    native_fp16: bool = False  # the same for float16 (AVX512_FP16 / AMX-FP16 on CPU, any CUDA GPU)
+    max_batch_tokens: int = 0  # the step token budget the scheduler uses (given, or chosen from the host)
+    gemm_gflops: float = 0.0  # the GEMM speed measured at start-up in the worker's dtype (0: not measured)
+    auto_knobs: dict[str, str] = {}  # knob -> why, for each knob the host chose because Settings left it None
 
 
 class StartupFailed(msgspec.Struct, tag=True):
