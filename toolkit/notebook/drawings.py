@@ -35,7 +35,7 @@ def draw_gantt(trace: Trace, ax: Axes | None = None, title: str = "") -> Axes:
     tokens that step computed.
     """
     if ax is None:
-        _, ax = plt.subplots(figsize=(min(14, 2 + 0.12 * trace.num_steps), 0.9 + 0.32 * len(trace.names)))
+        _, ax = plt.subplots(figsize=(min(14.0, max(7.0, 2 + 0.12 * trace.num_steps)), 1.1 + 0.32 * len(trace.names)))
     rows = {name: i for i, name in enumerate(trace.names)}
     for name, row in rows.items():
         for state in STATES:

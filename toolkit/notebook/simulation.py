@@ -79,7 +79,7 @@ def simulate(
     num_kv_blocks: int = 64,
     block_size: int = 4,
     static: bool = False,
-    enable_caching: bool = False,
+    enable_caching: bool = True,  # as Settings.enable_prefix_caching
     stop_after: int | None = None,
     max_steps: int = 10_000,
 ) -> Trace:
