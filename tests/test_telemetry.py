@@ -185,6 +185,17 @@ def test_completion_times_end_when_the_request_finished_not_when_read(tiny_pipe:
 # ---- the dashboard on the real worker ---------------------------------------------------------------------
 
 
+def _wait_until_metrics_settle(worker: ModelWorker, quiet_s: float, timeout_s: float) -> None:
+    """Until no step row has arrived for `quiet_s`: on a loaded host the last rows can come a while after the load."""
+    deadline = time.monotonic() + timeout_s
+    mark, since = worker.metrics.steps_mark(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, f"step rows still arriving after {timeout_s} s"
+        time.sleep(0.05)
+        if worker.metrics.steps_mark() != mark:
+            mark, since = worker.metrics.steps_mark(), time.monotonic()
+
+
 def test_dashboard_refreshes_while_the_worker_runs_and_stops(
     tiny_worker: ModelWorker, tiny_pipe: TokenGeneratorPipeline, tmp_path: Path
 ) -> None:
@@ -196,7 +207,8 @@ def test_dashboard_refreshes_while_the_worker_runs_and_stops(
         streams = [tiny_pipe.stream("keep the worker busy", max_new_tokens=64, ignore_eos=True) for _ in range(4)]
         for s in streams:
             s.result()
-    time.sleep(0.6)  # the last metrics message, then one more refresh
+    _wait_until_metrics_settle(tiny_worker, quiet_s=0.75, timeout_s=15.0)
+    time.sleep(0.5)  # one more refresh draws the last steps
     frames = dash.frames
     assert frames >= 4, f"only {frames} frames in {time.monotonic() - started:.1f} s of load"
 
