@@ -89,3 +89,13 @@ def test_groups_that_differ_are_left_alone() -> None:
     parent.gate_proj.register_forward_hook(lambda *_: None)
     assert fuse_projections(parent.requires_grad_(False)) == 0
     assert type(parent.q_proj) is nn.Linear and type(parent.gate_proj) is nn.Linear
+
+
+def test_engine_fuses_the_model_it_serves() -> None:
+    from toolkit.engine.core import Engine
+    from toolkit.settings import Settings
+
+    engine = Engine(Settings(model="tiny-random-llama", device="cpu", dtype="float32", num_kv_blocks=8))
+    layers = engine.config.num_hidden_layers
+    assert engine.fused_projections == 2 * layers
+    assert sum(isinstance(m, ProjectionSlice) for m in engine.model.modules()) == 5 * layers
