@@ -13,6 +13,10 @@ The weights are not copied: the stacked weight is built once and each slice's `w
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,3 +111,35 @@ def _fuse(parent: nn.Module, names: tuple[str, ...], parts: list[nn.Linear], pla
     for index, (name, size) in enumerate(zip(names, sizes, strict=True)):
         setattr(parent, name, ProjectionSlice(group, index, start, start + size))
         start += size
+    for module in parts:
+        weight = module.weight
+        _release_pages(weight)
+
+
+
+_MADV_DONTNEED = 4
+
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Hand the whole pages of a replaced weight back to the kernel, when nothing but its module holds it.
+
+    Weights loaded from safetensors are slices of one private memory-mapped file that stays mapped while any
+    weight of it is alive, so dropping a projection's tensor would leave its pages resident beside the stacked copy
+    (+50 % of SmolLM2's size in RSS). Unmodified pages of such a mapping read back from the file if ever touched;
+    the guard (no other tensor or Python reference) keeps pages anyone could still read out of it.
+    """
+    if tensor.device.type != "cpu" or sys.platform != "linux" or sys.getrefcount(tensor) > 4:
+        return  # 4: the module's parameter dict, the caller's name, this argument, getrefcount's own
+    if torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) > 2:  # another tensor views it (2: it + this)
+        return
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    end = start + tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
+    first, last = -(-start // page) * page, end // page * page  # pages wholly inside the tensor's storage
+    if last <= first:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(_MADV_DONTNEED))
+    except (OSError, AttributeError):
+        return
