@@ -7,7 +7,16 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from toolkit.layers.fused import FusedProjection, ProjectionSlice, fuse_projections
 from toolkit.layers.linear import CpuLinear, KernelChoice, LinearPlan, install
@@ -22,10 +31,15 @@ def _model(cls: type, config_cls: type) -> nn.Module:
     return cls(config_cls(**SMALL)).eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize(("cls", "config_cls"), [(LlamaForCausalLM, LlamaConfig), (Qwen2ForCausalLM, Qwen2Config)])
+@pytest.mark.parametrize(
+    ("cls", "config_cls"),
+    [(LlamaForCausalLM, LlamaConfig), (Qwen2ForCausalLM, Qwen2Config), (Qwen3ForCausalLM, Qwen3Config),
+     (MistralForCausalLM, MistralConfig)],
+    ids=["llama", "qwen2", "qwen3", "mistral"],
+)
 @pytest.mark.parametrize("plan", [None, ONEDNN_PLAN])
 def test_fused_model_gives_the_same_logits(cls: type, config_cls: type, plan: LinearPlan | None) -> None:
-    """Qwen2 has q/k/v biases, Llama none; with and without the oneDNN kernel on the stacked GEMM."""
+    """Qwen2 has q/k/v biases, Qwen3 norms q and k per head; with and without oneDNN on the stacked GEMM."""
     model = _model(cls, config_cls)
     reference = copy.deepcopy(model)
     if plan is not None:
