@@ -21,6 +21,7 @@ from toolkit.engine.runner import ModelRunner
 from toolkit.engine.scheduler import ScheduledSequence, SchedulerOutput, TokenGenerationScheduler
 from toolkit.engine.step_metrics import StepProbe
 from toolkit.errors import PrefixCacheBusyError
+from toolkit.layers.fused import fuse_projections
 from toolkit.layers.kv_cache import num_blocks_for_budget
 from toolkit.layers.linear import choose_linear_kernels
 from toolkit.settings import Settings
@@ -79,6 +80,7 @@ class Engine:
             eos_token_ids=self.eos_token_ids,
         )
         self.linear_plan = choose_linear_kernels(model)
+        self.fused_projections = fuse_projections(model, self.linear_plan)
         self.hardware = hardware_info(self.device, self.dtype)
         self.peak_batch_size = 0
         self._stepping: SchedulerOutput | None = None  # the batch of the step in progress, for fail_scheduled

@@ -146,8 +146,8 @@ class ModelRunner:
         tables = [s.seq.block_table[: -(-n // bs)] for s, n in zip(decodes, lengths, strict=True)]
         flat = [b for t in tables for b in (*t, *([t[0]] * (nb - len(t))))]
         visible = torch.arange(nb * bs)[None, :] < torch.tensor(lengths)[:, None]
-        mask = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
-        return DecodeGroup(offset, offset + len(decodes), self._tensor(flat), mask[None, :, None, :].to(self.device))
+        mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
+        return DecodeGroup(offset, offset + len(decodes), self._tensor(flat), mask[:, None, None, :].to(self.device))
 
     def _add_prefills(self, batch: PagedBatch, prefills: list[ScheduledSequence], offset: int) -> None:
         """Each multi-token sequence: its query rows; with a cached prefix, its blocks and a causal mask over them."""

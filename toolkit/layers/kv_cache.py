@@ -34,8 +34,8 @@ def num_blocks_for_budget(model_config: Any, block_size: int, dtype: torch.dtype
 class PagedKVCache:
     """Per-layer K and V, each [num_kv_heads, num_blocks * block_size, head_dim].
 
-    Heads come first so that gathering whole blocks with one `index_select` on dim 1 yields [KV, B, L, D] directly,
-    the layout the grouped decode matmuls want, with no permute copy afterwards.
+    Heads come first so that gathering whole blocks with one `index_select` on dim 1 yields [KV, B, L, D] directly;
+    the decode SDPA reads it as a strided [B, KV, L, D] view, with no permute copy afterwards.
     """
 
     num_blocks: int
