@@ -112,9 +112,8 @@ def _fuse(parent: nn.Module, names: tuple[str, ...], parts: list[nn.Linear], pla
         setattr(parent, name, ProjectionSlice(group, index, start, start + size))
         start += size
     for module in parts:
-        weight = module.weight
+        weight = module.weight  # the guard in _release_pages counts this name
         _release_pages(weight)
-
 
 
 _MADV_DONTNEED = 4
