@@ -89,34 +89,34 @@ def restart_times(steps: pd.DataFrame) -> list[float]:
     return [float(t) for t in steps.t[new_pid]]
 
 
+def _binned_sums(steps: pd.DataFrame, columns: list[str], bin_s: float | None) -> tuple[pd.DataFrame, float]:
+    """Sums of `columns` in time bins of `bin_s` (default: ~40 bins) from the first step, empty bins as 0, indexed
+    by each bin's start time; and the bin width used."""
+    t0, span = float(steps.t.iloc[0]), float(steps.t.iloc[-1] - steps.t.iloc[0])
+    bin_s = bin_s or float(np.clip(span / 40, 0.05, 5.0))
+    bins = np.floor((steps.t.to_numpy() - t0) / bin_s).astype(int)
+    sums = steps[columns].groupby(bins).sum().reindex(range(int(bins.max()) + 1), fill_value=0)
+    sums.index = pd.Index(t0 + sums.index.to_numpy() * bin_s, name="t")
+    return sums, bin_s
+
+
 def throughput(steps: pd.DataFrame, bin_s: float | None = None) -> pd.DataFrame:
     """Prefill and decode tokens/s in time bins (tokens counted at each step's end time), empty bins as 0."""
     if steps.empty:
         return pd.DataFrame({"prefill_tok_s": [], "decode_tok_s": []}, index=pd.Index([], name="t"))
-    t0, span = float(steps.t.iloc[0]), float(steps.t.iloc[-1] - steps.t.iloc[0])
-    bin_s = bin_s or float(np.clip(span / 40, 0.05, 5.0))
-    bins = np.floor((steps.t.to_numpy() - t0) / bin_s).astype(int)
-    sums = steps[["prefill_tokens", "decode_tokens"]].groupby(bins).sum() / bin_s
-    sums = sums.reindex(range(int(bins.max()) + 1), fill_value=0)
-    sums.index = pd.Index(t0 + sums.index.to_numpy() * bin_s, name="t")
-    return sums.rename(columns={"prefill_tokens": "prefill_tok_s", "decode_tokens": "decode_tok_s"})
+    sums, bin_s = _binned_sums(steps, ["prefill_tokens", "decode_tokens"], bin_s)
+    return (sums / bin_s).rename(columns={"prefill_tokens": "prefill_tok_s", "decode_tokens": "decode_tok_s"})
 
 
 def prefix_hit_rate(steps: pd.DataFrame, bin_s: float | None = None) -> pd.DataFrame:
     """Prefix-cache hits / queries (tokens) per time bin (NaN where nothing was looked up) and cumulatively."""
     if steps.empty:
         return pd.DataFrame({"hit_rate": [], "cumulative": []}, index=pd.Index([], name="t"))
-    t0, span = float(steps.t.iloc[0]), float(steps.t.iloc[-1] - steps.t.iloc[0])
-    bin_s = bin_s or float(np.clip(span / 40, 0.05, 5.0))
-    bins = np.floor((steps.t.to_numpy() - t0) / bin_s).astype(int)
-    sums = steps[["prefix_cache_hits", "prefix_cache_queries"]].groupby(bins).sum()
-    sums = sums.reindex(range(int(bins.max()) + 1), fill_value=0)
+    sums, _ = _binned_sums(steps, ["prefix_cache_hits", "prefix_cache_queries"], bin_s)
     queries = sums.prefix_cache_queries.replace(0, np.nan)
     total = sums.prefix_cache_queries.cumsum().replace(0, np.nan)
-    out = pd.DataFrame({"hit_rate": sums.prefix_cache_hits / queries,
-                        "cumulative": sums.prefix_cache_hits.cumsum() / total})
-    out.index = pd.Index(t0 + sums.index.to_numpy() * bin_s, name="t")
-    return out
+    return pd.DataFrame({"hit_rate": sums.prefix_cache_hits / queries,
+                         "cumulative": sums.prefix_cache_hits.cumsum() / total}, index=sums.index)
 
 
 def new_figure() -> Figure:
@@ -151,9 +151,10 @@ def draw(fig: Figure, steps: pd.DataFrame, view: WorkerView, window_s: float | N
     _prefix_cache(bottom[1], steps)
     for ax in bottom:
         ax.set_xlabel("seconds since the first logged step")
+    restarts = restart_times(steps)
     deaths = [r.died_at - t0 for r in replicas if r.dead and r.died_at is not None and t0 is not None]
     for ax in (*top, *bottom):  # a new worker process from here on; a replica died here
-        for t in restart_times(steps):
+        for t in restarts:
             ax.axvline(t, color="gray", lw=0.8, ls="--")
         for t in deaths:
             ax.axvline(t, color=DEAD_COLOR, lw=1.2, ls="-.")
