@@ -20,6 +20,9 @@ SLEEP_ENV = "TOOLKIT_TEST_SLEEP_S"
 POISON_TOKEN = 4242  # poisoned(): a forward whose input holds this id raises
 SLIDING_WINDOW = 24  # sliding_window_mistral(): its attention window, in tokens
 _kept: list[Any] = []
+# a two-layer model of any HF family (grouped-query attention), for tests that compare our layers with HF's
+SMALL = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
 
 
 def tiny(device: str, dtype: str) -> tuple[Any, Any]:
@@ -121,3 +124,11 @@ def sentencepiece_tokenizer(directory: Path) -> Any:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tokenizer.model").write_bytes(model.getvalue())
     return LlamaTokenizer.from_pretrained(directory, add_bos_token=True)
+
+
+def small_model(cls: type, config_cls: type, **extra: object) -> Any:
+    """`cls(config_cls(**SMALL, **extra))`, seeded, in eval mode and frozen (as the engine serves a model)."""
+    import torch
+
+    torch.manual_seed(0)
+    return cls(config_cls(**{**SMALL, **extra})).eval().requires_grad_(False)

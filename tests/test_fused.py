@@ -18,17 +18,11 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from tests.factories import SMALL, small_model
 from toolkit.layers.fused import FusedProjection, ProjectionSlice, fuse_projections
 from toolkit.layers.linear import CpuLinear, KernelChoice, LinearPlan, install
 
-SMALL = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 ONEDNN_PLAN = LinearPlan((KernelChoice(1, None, "onednn"),))
-
-
-def _model(cls: type, config_cls: type) -> nn.Module:
-    torch.manual_seed(0)
-    return cls(config_cls(**SMALL)).eval().requires_grad_(False)
 
 
 @pytest.mark.parametrize(
@@ -40,7 +34,7 @@ def _model(cls: type, config_cls: type) -> nn.Module:
 @pytest.mark.parametrize("plan", [None, ONEDNN_PLAN])
 def test_fused_model_gives_the_same_logits(cls: type, config_cls: type, plan: LinearPlan | None) -> None:
     """Qwen2 has q/k/v biases, Qwen3 norms q and k per head; with and without oneDNN on the stacked GEMM."""
-    model = _model(cls, config_cls)
+    model = small_model(cls, config_cls)
     reference = copy.deepcopy(model)
     if plan is not None:
         install(model, plan)
@@ -56,7 +50,7 @@ def test_fused_model_gives_the_same_logits(cls: type, config_cls: type, plan: Li
 
 def test_slices_are_views_of_one_stacked_weight() -> None:
     """No weight is duplicated: every slice's weight lives in its group's stacked storage, state_dict is unchanged."""
-    model = _model(Qwen2ForCausalLM, Qwen2Config)
+    model = small_model(Qwen2ForCausalLM, Qwen2Config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params_before = sum(p.numel() for p in model.parameters())
     fuse_projections(model)

@@ -20,6 +20,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from tests.factories import SMALL, small_model
 from toolkit.engine.block_manager import BlockManager
 from toolkit.engine.request import Sequence
 from toolkit.engine.runner import ModelRunner
@@ -30,13 +31,6 @@ from toolkit.models import build_tiny_llama
 from toolkit.worker.messages import GenerateRequest
 
 BLOCK = 4
-SMALL = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
-
-
-def _tiny(cls: type, config_cls: type, **extra: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return cls(config_cls(**{**SMALL, **extra})).eval()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +107,7 @@ def test_ragged_batch_matches_plain_forward(llama: torch.nn.Module) -> None:
 )
 def test_other_families_run_unchanged(cls: type, config_cls: type, extra: dict[str, object]) -> None:
     with torch.inference_mode():
-        _check_mixed_steps(_tiny(cls, config_cls, **extra), SMALL["vocab_size"], atol=1e-4)
+        _check_mixed_steps(small_model(cls, config_cls, **extra), SMALL["vocab_size"], atol=1e-4)
 
 
 def test_attention_is_set_once_and_hf_generate_still_works(llama: torch.nn.Module) -> None:
@@ -150,7 +144,8 @@ def test_hf_builds_no_mask_and_sliding_window_is_guarded(llama: torch.nn.Module)
     try:
         _check_mixed_steps(llama, llama.config.vocab_size, atol=1e-4)
         with pytest.raises(NotImplementedError, match="sliding window"):
-            _check_mixed_steps(_tiny(MistralForCausalLM, MistralConfig, sliding_window=8), SMALL["vocab_size"], 1e-4)
+            mistral = small_model(MistralForCausalLM, MistralConfig, sliding_window=8)
+            _check_mixed_steps(mistral, SMALL["vocab_size"], 1e-4)
     finally:
         AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
     assert masks and all(m is None for m in masks)
@@ -175,7 +170,8 @@ def test_bfloat16_close_to_float32(llama: torch.nn.Module) -> None:
 def test_ragged_batch_on_cuda() -> None:
     with torch.inference_mode():
         _check_mixed_steps(build_tiny_llama().eval().cuda(), 49152, atol=1e-3)
-        _check_mixed_steps(_tiny(Qwen3ForCausalLM, Qwen3Config, head_dim=16).cuda(), SMALL["vocab_size"], atol=1e-3)
+        qwen3 = small_model(Qwen3ForCausalLM, Qwen3Config, head_dim=16).cuda()
+        _check_mixed_steps(qwen3, SMALL["vocab_size"], atol=1e-3)
 
 
 def test_num_blocks_for_budget(llama: torch.nn.Module) -> None:
