@@ -19,7 +19,7 @@ import torch
 
 from toolkit import models
 from toolkit.embeddings.scheduler import EmbeddingsScheduler, EmbedItem, EmbedJob
-from toolkit.engine.hardware import choose_max_batch_tokens, choose_num_threads, hardware_info
+from toolkit.engine.hardware import choose_max_batch_tokens, hardware_info, set_num_threads
 from toolkit.engine.step_metrics import PhaseTimes, StepProbe
 from toolkit.errors import InvalidRequestError, ModelNotFoundError
 from toolkit.settings import Settings
@@ -87,12 +87,8 @@ class EmbeddingsEngine:
     def __init__(
         self, settings: Settings, *, model: Any = None, tokenizer: Any = None, set_threads: bool = False
     ) -> None:
-        self.auto_knobs: dict[str, str] = {}
-        if set_threads:  # the worker process sets threads; in-process, only if asked
-            threads = settings.num_threads
-            if threads is None:
-                threads, self.auto_knobs["num_threads"] = choose_num_threads()
-            torch.set_num_threads(threads)
+        # the worker's process is the engine's to configure; an in-process engine leaves threads alone unless asked
+        self.auto_knobs: dict[str, str] = set_num_threads(settings.num_threads) if set_threads else {}
         spec = models.resolve(settings.model)
         if model is None:
             model, tokenizer = models.load(settings.model, settings.device, settings.dtype, settings.cache_dir)

@@ -15,7 +15,7 @@ import torch
 
 from toolkit import models
 from toolkit.engine.block_manager import BlockManager
-from toolkit.engine.hardware import choose_max_batch_tokens, choose_num_threads, hardware_info
+from toolkit.engine.hardware import choose_max_batch_tokens, hardware_info, set_num_threads
 from toolkit.engine.request import Sequence
 from toolkit.engine.runner import ModelRunner
 from toolkit.engine.scheduler import ScheduledSequence, SchedulerOutput, TokenGenerationScheduler
@@ -36,7 +36,7 @@ class Engine:
 
     The model becomes the engine's: its attention is switched to the paged one, and on CPU in float32 its nn.Linear
     modules may be given faster kernels (`choose_linear_kernels`). torch's thread count is the caller's unless
-    `set_threads=True` applies `settings.num_threads` (the worker process sets it before building the engine), or
+    `set_threads=True` (the worker process's engine) applies `settings.num_threads` before loading, or
     when that is None the host's choice (`choose_num_threads`); a None `max_batch_tokens` is chosen from a GEMM timed
     here (`choose_max_batch_tokens`). Each knob the host chose is in `auto_knobs` with the reason.
     """
@@ -44,12 +44,8 @@ class Engine:
     def __init__(
         self, settings: Settings, *, model: Any = None, tokenizer: Any = None, set_threads: bool = False
     ) -> None:
-        self.auto_knobs: dict[str, str] = {}
-        if set_threads:
-            threads = settings.num_threads
-            if threads is None:
-                threads, self.auto_knobs["num_threads"] = choose_num_threads()
-            torch.set_num_threads(threads)
+        # the worker's process is the engine's to configure; an in-process engine leaves threads alone unless asked
+        self.auto_knobs: dict[str, str] = set_num_threads(settings.num_threads) if set_threads else {}
         if model is None:
             device = models.resolve_device(settings.device)
             model, tokenizer = models.load(settings.model, device, settings.dtype, settings.cache_dir)

@@ -155,13 +155,8 @@ def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
         return None
 
 
-def default_num_threads() -> int:
-    """torch threads when the user names none: one per physical core this process may use, within a cgroup quota."""
-    return choose_num_threads()[0]
-
-
 def choose_num_threads() -> tuple[int, str]:
-    """(default_num_threads, why): the rule's answer and the numbers behind it, for Ready.auto_knobs.
+    """(threads, why): torch threads when the user names none, and the numbers behind them, for Ready.auto_knobs.
 
     Why physical cores: two threads on SMT siblings share one core's vector units, so a GEMM gains nothing and the
     threads wait on each other; why the affinity mask and the quota: a container or `taskset` that grants 2 CPUs of a
@@ -175,6 +170,16 @@ def choose_num_threads() -> tuple[int, str]:
         threads = max(1, math.ceil(limit))
         why = f"{threads}: the cgroup's CPU quota ({limit:g} CPUs) of {len(cpus)} usable CPUs"
     return max(1, threads), why
+
+
+def set_num_threads(requested: int | None) -> dict[str, str]:
+    """Give torch `requested` threads, or the host's choice when None; returns the auto_knobs entry saying why."""
+    if requested is not None:
+        torch.set_num_threads(requested)
+        return {}
+    threads, why = choose_num_threads()
+    torch.set_num_threads(threads)
+    return {"num_threads": why}
 
 
 # ---- what the host measures -----------------------------------------------------------------------------------

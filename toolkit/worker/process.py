@@ -69,31 +69,22 @@ def _exit(code: int) -> None:
 
 
 def _load(settings: Settings, ipc_dir: str) -> tuple[EngineProtocol, m.Ready]:
-    import torch
-
     from toolkit import models
-    from toolkit.engine.hardware import choose_num_threads
 
-    threads, why_threads = settings.num_threads, ""
-    if threads is None:  # the worker's process is ours to configure; an in-process Engine leaves threads alone
-        threads, why_threads = choose_num_threads()
-    torch.set_num_threads(threads)
     started = time.perf_counter()
     if models.resolve(settings.model).task == "embed":
         from toolkit.embeddings.engine import EmbeddingsEngine
 
-        engine: EngineProtocol = EmbeddingsEngine(settings)
+        engine: EngineProtocol = EmbeddingsEngine(settings, set_threads=True)
         tokenizer_dir = ""
     else:
         from toolkit.engine.core import Engine
 
-        generator = Engine(settings)
+        generator = Engine(settings, set_threads=True)
         tokenizer_dir = str(Path(ipc_dir, "tokenizer"))
         generator.tokenizer.save_pretrained(tokenizer_dir)
         engine = generator
     info = engine.ready_info()
-    if why_threads:
-        info["auto_knobs"] = {"num_threads": why_threads, **info.get("auto_knobs", {})}
     ready = m.Ready(pid=os.getpid(), load_time_s=time.perf_counter() - started, tokenizer_dir=tokenizer_dir, **info)
     return engine, ready
 
