@@ -163,7 +163,7 @@ class LlamaCppStepper:
 
 def run_llama_cpp(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
     """The workload on llama.cpp, or a skipped run saying why it could not run here."""
-    from toolkit.engine.hardware import default_num_threads
+    from toolkit.engine.hardware import choose_num_threads
 
     run = SystemRun("llama-cpp")
     if not llama_cpp_available():
@@ -177,7 +177,7 @@ def run_llama_cpp(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemR
     loading = time.perf_counter()
     stepper = LlamaCppStepper(
         path, n_seq=cfg.max_batch_size, ctx_per_seq=math.ceil(longest / CTX_ROUND) * CTX_ROUND,
-        n_batch=max(cfg.max_batch_tokens, cfg.max_batch_size), threads=cfg.threads or default_num_threads(),
+        n_batch=max(cfg.max_batch_tokens, cfg.max_batch_size), threads=cfg.threads or choose_num_threads()[0],
         gpu=cfg.device.startswith("cuda"),
     )
     try:
