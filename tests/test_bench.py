@@ -16,7 +16,7 @@ import torch
 
 from toolkit import models
 from toolkit.bench import SYSTEMS, main
-from toolkit.bench.cli import emulated_dtype, parse_config, write_outputs
+from toolkit.bench.cli import emulated_dtype, median_runs, parse_config, rotated, write_outputs
 from toolkit.bench.config import BenchConfig
 from toolkit.bench.drivers import drive_async, drive_steps, drive_threads
 from toolkit.bench.records import RequestRecord, SystemRun
@@ -232,6 +232,45 @@ def test_shared_prefix_run_shows_the_cache_beside_no_cache(tmp_path) -> None:
         assert systems[name]["prefix_hit_rate"] == pytest.approx(3 * 96 / data["workload"]["prompt_tokens"]), name
     assert math.isnan(systems["toolkit-no-cache"]["prefix_hit_rate"])
     assert "prefix hits" in (tmp_path / "shared-prefix-offline-float32.md").read_text()
+
+
+def _run_of(name: str, tokens: int, seconds: float) -> SystemRun:
+    """A finished one-request run that made `tokens` tokens in `seconds`."""
+    record = RequestRecord(0, prompt_len=4, output_len=tokens, sent_at=0.0)
+    record.add_chunk(tokens, now=seconds)
+    return SystemRun(name, records=[record], started_at=0.0)
+
+
+def test_rounds_rotate_the_order_and_report_the_median_run_with_paired_ratios() -> None:
+    assert [rotated(("a", "b", "c"), i) for i in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    seconds = {"a": [1.0, 2.0, 4.0], "b": [2.0, 2.0, 2.0]}  # 100 tokens: a makes 100, 50, 25 tok/s, b 50 each round
+    rounds = [[_run_of(name, 100, seconds[name][i]) for name in rotated(("a", "b"), i)] for i in range(3)]
+    runs, paired = median_runs(rounds, {}, ("a", "b"))
+    assert [run.name for run in runs] == ["a", "b"]
+    assert runs[0] is rounds[1][1]  # a's median run, 50 tok/s, ran second in round 1
+    assert paired["a"]["rounds_output_tok_s"] == pytest.approx([100, 50, 25])
+    assert paired["b"]["paired_ratio"] == pytest.approx(1.0)  # (0.5 * 1 * 2) ** (1/3)
+    assert (paired["b"]["paired_ratio_min"], paired["b"]["paired_ratio_max"]) == pytest.approx((0.5, 2.0))
+    assert runs[1].note.startswith("median of 3 rounds (50.0, 50.0, 50.0 tok/s); x1.000 of a per round")
+    single, none = median_runs(rounds[:1], {}, ("a", "b"))
+    assert single == rounds[0] and none == {}
+
+
+@pytest.mark.timeout(240)
+def test_two_rounds_run_each_system_twice_and_keep_both_figures(tmp_path) -> None:
+    argv = ["--model", "tiny-random-llama", "--num-requests", "3", "--input-len", "8:24", "--output-len", "3:6",
+            "--systems", "toolkit-inprocess,toolkit-no-cache", "--rounds", "2", "--kv-cache-gib", "0.02",
+            "--threads", "1", "--no-plot", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    systems = json.loads((tmp_path / "random-offline-float32.json").read_text())["systems"]
+    for name, summary in systems.items():
+        assert summary["exact_token_counts"] is True and len(summary["rounds_output_tok_s"]) == 2, name
+        assert summary["output_tok_s"] in summary["rounds_output_tok_s"], name
+    assert systems["toolkit-inprocess"]["paired_ratio"] == pytest.approx(1.0)
+    assert systems["toolkit-no-cache"]["paired_ratio"] > 0
+    with pytest.raises(SystemExit):
+        parse_config(["--rounds", "0"])
 
 
 def _native_only_float32(monkeypatch: pytest.MonkeyPatch) -> None:

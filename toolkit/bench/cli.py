@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential-limit", type=int, default=d.sequential_limit,
                    help="hf-sequential: only the first N requests (0: all; it makes ~16 tok/s here)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed warm-up requests per system")
+    p.add_argument("--rounds", type=int, default=d.rounds,
+                   help="run every system N times, rotating the order each round, and report each one's median run "
+                        "and its per-round ratios to the first system: on a shared host one run varies by ~10 %%")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch threads per process (default: one per physical core this process may use)")
     p.add_argument("--replicas", type=int, default=d.replicas, help="toolkit-ray: model-worker replicas")
@@ -85,6 +88,8 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
         p.error("--prefix-len must be at least 1")
     if args.client_threads < 1:
         p.error("--client-threads must be at least 1")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     fields = vars(args) | {"systems": systems, "input_len": parse_range(args.input_len),
                            "output_len": parse_range(args.output_len)}
     return BenchConfig(**fields)
@@ -137,6 +142,43 @@ def measure(name: str, cfg: BenchConfig, requests: list[BenchRequest]) -> System
     status = f"skipped: {run.skipped}" if run.skipped else status
     print(f"{name}: {status} ({time.perf_counter() - started:.0f} s with start-up)", flush=True)
     return run
+
+
+def rotated(systems: Sequence[str], i: int) -> list[str]:
+    """Round i's order: the systems shifted by i, so that no system always runs first (or just after another)."""
+    shift = i % len(systems)
+    return [*systems[shift:], *systems[:shift]]
+
+
+def median_runs(rounds: list[list[SystemRun]], probe: dict[str, Any], systems: Sequence[str]
+                ) -> tuple[list[SystemRun], dict[str, dict[str, Any]]]:
+    """Each system's run of median output tok/s (in `systems` order) and, with several rounds, its tok/s per round and
+    the per-round ratios to the first system: the paired comparison a noisy shared host allows."""
+    by_name: dict[str, list[tuple[SystemRun, float]]] = {name: [] for name in systems}
+    for run in (run for one_round in rounds for run in one_round):
+        by_name[run.name].append((run, summarize(run, probe)["output_tok_s"]))
+    if len(rounds) == 1:
+        return [by_name[name][0][0] for name in systems], {}
+    first = [tok_s for _, tok_s in by_name[systems[0]]]
+    chosen, paired = [], {}
+    for name in systems:
+        ranked = sorted(by_name[name], key=lambda pair: pair[1] if math.isfinite(pair[1]) else -math.inf)
+        chosen.append(ranked[(len(ranked) - 1) // 2][0])
+        per_round = [tok_s for _, tok_s in by_name[name]]
+        ratios = [a / b for a, b in zip(per_round, first, strict=True) if b > 0]
+        paired[name] = {"rounds_output_tok_s": per_round, "paired_ratio": _geomean(ratios),
+                        "paired_ratio_min": min(ratios, default=math.nan),
+                        "paired_ratio_max": max(ratios, default=math.nan)}
+        chosen[-1].note = "; ".join(filter(None, [
+            f"median of {len(per_round)} rounds (" + ", ".join(f"{t:.1f}" for t in per_round) + " tok/s); "
+            f"x{paired[name]['paired_ratio']:.3f} of {systems[0]} per round (geometric mean, "
+            f"{paired[name]['paired_ratio_min']:.3f}-{paired[name]['paired_ratio_max']:.3f})", chosen[-1].note]))
+    return chosen, paired
+
+
+def _geomean(values: list[float]) -> float:
+    good = [v for v in values if v > 0 and math.isfinite(v)]
+    return math.exp(sum(map(math.log, good)) / len(good)) if good else math.nan
 
 
 def emulated_dtype(cfg: BenchConfig) -> str:
@@ -211,15 +253,16 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     before = machine_probe(cfg, probe["device"])
     probe |= {"gemm_gflops": before["gemm_gflops"]}
     print(header(cfg, probe, host, slow), flush=True)
-    runs = [measure(name, cfg, requests) for name in cfg.systems]
-    for run in runs if slow else ():
-        run.note = "; ".join(filter(None, [f"emulated {cfg.dtype}", run.note]))
+    rounds = [[measure(name, cfg, requests) for name in rotated(cfg.systems, i)] for i in range(cfg.rounds)]
     after = machine_probe(cfg, probe["device"])
     probe |= {"gemm_gflops": max(before["gemm_gflops"], after["gemm_gflops"]), "gemm_gflops_before":
               before["gemm_gflops"], "gemm_gflops_after": after["gemm_gflops"], "loadavg_1m_before":
               before["loadavg_1m"], "loadavg_1m_after": after["loadavg_1m"]}
     title = header(cfg, probe, host, slow)
-    summaries = {run.name: summarize(run, probe) for run in runs}
+    runs, paired = median_runs(rounds, probe, cfg.systems)
+    for run in runs if slow else ():
+        run.note = "; ".join(filter(None, [f"emulated {cfg.dtype}", run.note]))
+    summaries = {run.name: summarize(run, probe) | paired.get(run.name, {}) for run in runs}
     samples = {run.name: latencies(run.records) for run in runs}
     print("\n" + show(summaries, title), flush=True)
     host_record = host.as_dict() | {"threads_rule": threads_rule or "given (--threads)", "emulated_dtype": slow}

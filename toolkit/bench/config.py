@@ -37,6 +37,7 @@ class BenchConfig:
     cb_page_size: int = 64  # hf-cb: tokens per KV page (transformers' default, 256, wastes the shared budget)
     sequential_limit: int | None = 8  # hf-sequential runs only the first N requests (it is slow); 0/None: all
     warmup: int = 1  # untimed warm-up requests per system
+    rounds: int = 1  # each system runs this many times, the order rotated each round; the median run is reported
     threads: int | None = None  # torch threads in every process; None: torch's default
     replicas: int = 2  # toolkit-ray: model-worker replicas (Ray actors)
     threads_per_replica: int | None = None  # toolkit-ray: CPUs and torch threads of each; None: threads / replicas
