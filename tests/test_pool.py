@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import tiny_settings
 from toolkit import TokenGeneratorPipeline, WorkerCrashedError, WorkerStartupError
-from toolkit.errors import WorkerNotRunningError
+from toolkit.errors import PrefixCacheBusyError, WorkerNotRunningError
 from toolkit.notebook import Dashboard
 from toolkit.pool import PrefixRouter
 from toolkit.pool.replica import _Channel, _ReplicaLoop
@@ -220,6 +220,25 @@ def test_requests_sharing_a_prefix_land_on_one_replica(pool: WorkerPool, pipe: T
     placed = replicas_that_served(pool, [s.request_id for s in streams])
     assert len(set(placed.values())) == 1, placed  # without affinity, turn-taking would alternate replicas
     assert pool.health()["router"]["affinity_hits"] - hits >= 4
+
+
+@pytest.mark.timeout(120)
+def test_reset_prefix_cache_empties_every_replica_and_is_refused_while_one_runs(
+    pool: WorkerPool, pipe: TokenGeneratorPipeline
+) -> None:
+    block = pool.info.block_size
+    prompt = [(11 * i) % 1000 + 100 for i in range(3 * block)]
+    pipe.generate([*prompt, 5], max_new_tokens=2)
+    assert pipe.generate([*prompt, 6], max_new_tokens=2).cached_tokens == 3 * block  # affinity: the same replica
+    stream = pipe.stream("go on forever", **LONG)
+    next(stream)
+    with pytest.raises(PrefixCacheBusyError, match="requests run"):
+        pool.reset_prefix_cache(timeout_s=10)
+    stream.close()
+    wait_until(lambda: all(r["kv_blocks_used"] == 0 for r in pool.health()["replicas"]), 20, "the blocks to be freed")
+    assert pool.reset_prefix_cache(timeout_s=10) > 0
+    assert pool.reset_prefix_cache(timeout_s=10) == 0
+    assert pipe.generate([*prompt, 7], max_new_tokens=2).cached_tokens == 0
 
 
 @pytest.mark.timeout(60)

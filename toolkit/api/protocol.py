@@ -1,4 +1,5 @@
-"""The OpenAI request and response shapes the server speaks (vLLM's extras where OpenAI is silent).
+"""The OpenAI request shapes the server validates (vLLM's extras where OpenAI is silent), and its model-list and
+error responses; completion bodies and stream chunks are plain dicts built in `serving.py`, one per chunk.
 
 Requests are pydantic models, so a schema error becomes a 400 before anything is tokenized. Unknown fields are
 ignored, as OpenAI clients send fields a server may not use; fields we cannot honour are refused by name in
@@ -113,12 +114,6 @@ class EmbeddingRequest(_Request):
 
 
 # ---- responses ------------------------------------------------------------------------------------
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int = 0
-    total_tokens: int
 
 
 class ModelCard(BaseModel):

@@ -104,7 +104,8 @@ def run_toolkit_no_cache(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> 
 
 
 def run_toolkit_ray(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
-    """The same pipeline over a WorkerPool: `cfg.replicas` replicas as Ray actors on a Ray this process starts."""
+    """The same pipeline over a WorkerPool: `cfg.replicas` replicas as Ray actors on a Ray this process starts; every
+    replica's prefix cache is emptied after the warm-up, as in `run_toolkit`."""
     from toolkit.pipeline import TokenGeneratorPipeline
     from toolkit.pool import start_worker_pool
 
@@ -119,6 +120,7 @@ def run_toolkit_ray(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> Syste
         streamer = PipelineStreamer(pipe)
         drive_async(streamer, warmup_requests(requests, cfg.warmup), None, run.name, progress=False)
         settle_metrics(pool)
+        pool.reset_prefix_cache()
         pool.metrics.reset()
         pids = [p for p in pool.pids if p is not None]
         cpu = time.process_time()
@@ -129,6 +131,7 @@ def run_toolkit_ray(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> Syste
         steps = pool.metrics.steps()
         run.batch_sizes = steps.batch_size.astype(int).tolist()
         run.peak_rss_bytes = rss.peak
+        run.prefix_cache_hit_rate = hit_rate(steps.prefix_cache_queries.sum(), steps.prefix_cache_hits.sum())
         t = pool.timings
         run.note = (f"{cfg.replicas} replicas x {threads} threads; Ray start {t['ray_connect_s']:.1f} s, replicas "
                     f"ready {t['replicas_ready_s']:.1f} s; Ray's own processes {ray_rss / 2**20:.0f} MiB RSS "

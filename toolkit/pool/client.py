@@ -216,6 +216,9 @@ class _Replica(ResponseRouter):
             if self.state is WorkerState.READY and not self.closing:
                 self.actor.cancel.remote(request_ids)
 
+    def _send_control(self, message: m.ResetPrefixCache) -> None:
+        self.actor.submit.remote(_encoder.encode(message))  # the actor's inbox: behind this caller's requests
+
     def _check_serving(self) -> None:
         where = f"replica {self.index} (pid {self.pid} on {self.node})"
         if self.state is WorkerState.FAILED:
@@ -424,7 +427,7 @@ class _Fleet:
                                for i, r in enumerate(self.replicas)]
                 live = [n for n in outstanding if n is not None]
                 if not live:
-                    raise self._unavailable()
+                    raise self.unavailable()
                 if sum(live) >= self.settings.max_queue_size:
                     raise QueueFullError(f"{sum(live)} requests outstanding in the pool (max_queue_size)")
                 index = router.choose(hashes, outstanding)
@@ -440,7 +443,7 @@ class _Fleet:
                     started = time.perf_counter()
                 return
 
-    def _unavailable(self) -> Exception:
+    def unavailable(self) -> Exception:
         dead = [r for r in self.replicas if r.state is WorkerState.FAILED]
         if dead:
             why = "; ".join(f"replica {r.index}: {r.death}" for r in dead)
@@ -498,8 +501,8 @@ class WorkerPool(ShutsDownOnExit):
     """`replicas` model workers on Ray behind one handle. Use `start_worker_pool(...)` to get a started one.
 
     Same interface as ModelWorker (`info`, `settings`, `submit`, `cancel`, `metrics`, `health()`, `restart()`,
-    `shutdown()`, `is_alive()`, context managers), so TokenGeneratorPipeline, EmbeddingsPipeline and the
-    Dashboard take either.
+    `reset_prefix_cache()`, `shutdown()`, `is_alive()`, context managers), so TokenGeneratorPipeline,
+    EmbeddingsPipeline and the Dashboard take either.
     """
 
     def __init__(self, settings: Settings | None = None, replicas: int = 2, *, ray_address: str | None = None,
@@ -664,6 +667,19 @@ class WorkerPool(ShutsDownOnExit):
             "router": fleet.router.stats() if fleet and fleet.router else {},
             "replicas": replicas,
         }
+
+    def reset_prefix_cache(self, timeout_s: float = 30.0) -> int:
+        """Forget every cached prompt block on every serving replica (e.g. for a cold benchmark); returns how many
+        blocks they dropped in all. Raises as ModelWorker.reset_prefix_cache does: PrefixCacheBusyError while a
+        replica runs requests (the replicas before it are already reset), the pool's error when none serves. A dead
+        replica is skipped: restart() brings it back with an empty cache."""
+        fleet = self._fleet
+        if fleet is None or fleet.closed:
+            raise WorkerNotRunningError("worker pool is not started")
+        serving = [r for r in fleet.replicas if r.serving()]
+        if not serving:
+            raise fleet.unavailable()
+        return sum(r.reset_prefix_cache(timeout_s) for r in serving)
 
     def logs(self, replica: int = 0, tail: int | None = None, timeout_s: float = 10.0) -> str:
         """Replica `replica`'s recent log lines (kept in the actor, which may be on another host)."""

@@ -100,8 +100,9 @@ class ResponseRouter:
     """What a worker's responses do in the parent, for one worker process or one pool replica: route each to its
     request's sink, keep the metrics and heartbeats, and call the worker hung when it goes silent or stuck.
 
-    Subclasses say where the responses come from (`_where`), how to drop hung work (`_cancel_hung`), and what to do
-    after a hang (`_after_hang`).
+    Subclasses say where the responses come from (`_where`), whether it serves now (`_check_serving`), how a control
+    message reaches it (`_send_control`), how to drop hung work (`_cancel_hung`), and what to do after a hang
+    (`_after_hang`).
     """
 
     def __init__(self, settings: Settings, metrics: MetricsLog) -> None:
@@ -113,6 +114,7 @@ class ResponseRouter:
         self.last_metrics: m.Metrics | None = None  # the latest heartbeat: busy, KV blocks in use now
         self.step_clock: tuple[int, float] | None = None  # (step, monotonic start) of a step heard running now
         self.hung = False
+        self.replies: dict[str, queue.SimpleQueue[m.PrefixCacheReset]] = {}  # control calls awaiting the worker
 
     def _where(self) -> str:
         raise NotImplementedError
@@ -122,6 +124,42 @@ class ResponseRouter:
 
     def _after_hang(self) -> None:
         raise NotImplementedError
+
+    def _check_serving(self) -> None:
+        """Raise the typed error that a request sent now would get (dead, hung, not started, shutting down)."""
+        raise NotImplementedError
+
+    def _send_control(self, message: m.ResetPrefixCache) -> None:
+        """Send a control message behind every request sent before it (called under self.lock)."""
+        raise NotImplementedError
+
+    def reset_prefix_cache(self, timeout_s: float) -> int:
+        """Ask the worker to drop its cached prompt blocks and wait for the answer; returns how many it dropped."""
+        reply_id = f"reset-{uuid.uuid4().hex[:12]}"
+        waiter: queue.SimpleQueue[m.PrefixCacheReset] = queue.SimpleQueue()
+        with self.lock:
+            self._check_serving()
+            self.replies[reply_id] = waiter
+            self._send_control(m.ResetPrefixCache(reply_id))
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    reply = waiter.get(timeout=POLL_S)
+                    break
+                except queue.Empty:
+                    self._check_serving()  # died, hung or shut down while we waited
+                    if time.monotonic() > deadline:
+                        raise WorkerHungError(f"no answer to reset_prefix_cache within {timeout_s} s") from None
+        finally:
+            with self.lock:
+                self.replies.pop(reply_id, None)
+        errors = {"PrefixCacheBusyError": PrefixCacheBusyError, "InvalidRequestError": InvalidRequestError}
+        if reply.error_type in errors:
+            raise errors[reply.error_type](reply.message)
+        if reply.error_type:
+            raise RemoteError(f"{reply.error_type}: {reply.message}", error_type=reply.error_type)
+        return reply.blocks_cleared
 
     def receive(self, message: object) -> None:
         """One message from the worker: proof of life, then routed; a bad one is logged, never raised."""
@@ -151,7 +189,13 @@ class ResponseRouter:
             self._dispatch_other(message)
 
     def _dispatch_other(self, message: object) -> None:
-        log.warning("unexpected message from %s: %r", self._where(), type(message).__name__)
+        if isinstance(message, m.PrefixCacheReset):
+            with self.lock:
+                waiter = self.replies.get(message.id)
+            if waiter is not None:
+                waiter.put(message)
+        else:
+            log.warning("unexpected message from %s: %r", self._where(), type(message).__name__)
 
     def _route(self, request_id: str, item: object, *, final: bool) -> None:
         with self.lock:
@@ -202,7 +246,6 @@ class _Connection(ResponseRouter):
         self.process = ctx.Process(
             target=worker_process.run, args=(self.settings, self.ipc_dir), name="toolkit-worker", daemon=True
         )
-        self.replies: dict[str, queue.SimpleQueue[m.PrefixCacheReset]] = {}  # control calls awaiting the worker
         self.state = WorkerState.STARTING
         self.ready: m.Ready | None = None
         self.closing = False
@@ -263,33 +306,8 @@ class _Connection(ResponseRouter):
             if self.state is WorkerState.READY and not self.closing:
                 self.queue.send_request(m.Cancel(request_ids))
 
-    def reset_prefix_cache(self, timeout_s: float) -> int:
-        """Ask the worker to drop its cached prompt blocks and wait for the answer; returns how many it dropped."""
-        reply_id = f"reset-{uuid.uuid4().hex[:12]}"
-        waiter: queue.SimpleQueue[m.PrefixCacheReset] = queue.SimpleQueue()
-        with self.lock:
-            self._check_serving()
-            self.replies[reply_id] = waiter
-            self.queue.send_request(m.ResetPrefixCache(reply_id))  # behind every request sent before it
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                try:
-                    reply = waiter.get(timeout=POLL_S)
-                    break
-                except queue.Empty:
-                    self._check_serving()  # died, hung or shut down while we waited
-                    if time.monotonic() > deadline:
-                        raise WorkerHungError(f"no answer to reset_prefix_cache within {timeout_s} s") from None
-        finally:
-            with self.lock:
-                self.replies.pop(reply_id, None)
-        errors = {"PrefixCacheBusyError": PrefixCacheBusyError, "InvalidRequestError": InvalidRequestError}
-        if reply.error_type in errors:
-            raise errors[reply.error_type](reply.message)
-        if reply.error_type:
-            raise RemoteError(f"{reply.error_type}: {reply.message}", error_type=reply.error_type)
-        return reply.blocks_cleared
+    def _send_control(self, message: m.ResetPrefixCache) -> None:
+        self.queue.send_request(message)  # on the requests channel: behind every request sent before it
 
     def _check_serving(self) -> None:
         if self.state is WorkerState.FAILED:
@@ -317,15 +335,6 @@ class _Connection(ResponseRouter):
                 self._on_death()
                 return
             self._check_hang()
-
-    def _dispatch_other(self, message: object) -> None:
-        if isinstance(message, m.PrefixCacheReset):
-            with self.lock:
-                waiter = self.replies.get(message.id)
-            if waiter is not None:
-                waiter.put(message)
-        else:
-            super()._dispatch_other(message)
 
     def _on_death(self) -> None:
         if self.closing:
