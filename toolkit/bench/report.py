@@ -94,6 +94,7 @@ def plot(path: Path, summaries: dict[str, dict[str, Any]], samples: Samples, tit
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     names = list(summaries)
     fig, (bars, ttft, itl) = plt.subplots(1, 3, figsize=(17, 4.8))
@@ -109,6 +110,9 @@ def plot(path: Path, summaries: dict[str, dict[str, Any]], samples: Samples, tit
             if values.size:
                 axis.step(values, np.arange(1, values.size + 1) / values.size, where="post", label=name)
         axis.set_xscale("log")
+        axis.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 1, 2, 5, 10 ...: readable in any span
+        axis.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.xaxis.set_minor_formatter(ticker.NullFormatter())
         axis.set_xlabel(label)
         axis.set_ylabel("fraction of " + ("requests" if key == "ttft" else "gaps"))
         axis.set_title(f"{key.upper()} CDF")
