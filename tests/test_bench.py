@@ -253,6 +253,7 @@ def test_rounds_rotate_the_order_and_report_the_median_run_with_paired_ratios() 
     assert paired["b"]["paired_ratio"] == pytest.approx(1.0)  # (0.5 * 1 * 2) ** (1/3)
     assert (paired["b"]["paired_ratio_min"], paired["b"]["paired_ratio_max"]) == pytest.approx((0.5, 2.0))
     assert runs[1].note.startswith("median of 3 rounds (50.0, 50.0, 50.0 tok/s); x1.000 of a per round")
+    assert runs[0].note == "median of 3 rounds (100.0, 50.0, 25.0 tok/s)"
     single, none = median_runs(rounds[:1], {}, ("a", "b"))
     assert single == rounds[0] and none == {}
 

@@ -169,10 +169,11 @@ def median_runs(rounds: list[list[SystemRun]], probe: dict[str, Any], systems: S
         paired[name] = {"rounds_output_tok_s": per_round, "paired_ratio": _geomean(ratios),
                         "paired_ratio_min": min(ratios, default=math.nan),
                         "paired_ratio_max": max(ratios, default=math.nan)}
-        chosen[-1].note = "; ".join(filter(None, [
-            f"median of {len(per_round)} rounds (" + ", ".join(f"{t:.1f}" for t in per_round) + " tok/s); "
-            f"x{paired[name]['paired_ratio']:.3f} of {systems[0]} per round (geometric mean, "
-            f"{paired[name]['paired_ratio_min']:.3f}-{paired[name]['paired_ratio_max']:.3f})", chosen[-1].note]))
+        note = f"median of {len(per_round)} rounds (" + ", ".join(f"{t:.1f}" for t in per_round) + " tok/s)"
+        if name != systems[0]:
+            note += (f"; x{paired[name]['paired_ratio']:.3f} of {systems[0]} per round (geometric mean, "
+                     f"{paired[name]['paired_ratio_min']:.3f}-{paired[name]['paired_ratio_max']:.3f})")
+        chosen[-1].note = "; ".join(filter(None, [note, chosen[-1].note]))
     return chosen, paired
 
 
