@@ -126,9 +126,16 @@ def sentencepiece_tokenizer(directory: Path) -> Any:
     return LlamaTokenizer.from_pretrained(directory, add_bos_token=True)
 
 
-def small_model(cls: type, config_cls: type, **extra: object) -> Any:
-    """`cls(config_cls(**SMALL, **extra))`, seeded, in eval mode and frozen (as the engine serves a model)."""
-    import torch
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")  # the HF families small_model builds (and our layers must run)
 
+
+def small_model(family: str, **extra: object) -> Any:
+    """A SMALL model of `family` (one of FAMILIES; `extra` overrides its config), seeded, in eval mode and frozen
+    (as the engine serves a model)."""
+    import torch
+    import transformers
+
+    name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+    config = getattr(transformers, f"{name}Config")(**{**SMALL, **extra})
     torch.manual_seed(0)
-    return cls(config_cls(**{**SMALL, **extra})).eval().requires_grad_(False)
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval().requires_grad_(False)

@@ -246,7 +246,7 @@ def test_rounds_rotate_the_order_and_report_the_median_run_with_paired_ratios() 
         ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
     seconds = {"a": [1.0, 2.0, 4.0], "b": [2.0, 2.0, 2.0]}  # 100 tokens: a makes 100, 50, 25 tok/s, b 50 each round
     rounds = [[_run_of(name, 100, seconds[name][i]) for name in rotated(("a", "b"), i)] for i in range(3)]
-    runs, paired = median_runs(rounds, {}, ("a", "b"))
+    runs, paired = median_runs(rounds, ("a", "b"))
     assert [run.name for run in runs] == ["a", "b"]
     assert runs[0] is rounds[1][1]  # a's median run, 50 tok/s, ran second in round 1
     assert paired["a"]["rounds_output_tok_s"] == pytest.approx([100, 50, 25])
@@ -254,7 +254,7 @@ def test_rounds_rotate_the_order_and_report_the_median_run_with_paired_ratios() 
     assert (paired["b"]["paired_ratio_min"], paired["b"]["paired_ratio_max"]) == pytest.approx((0.5, 2.0))
     assert runs[1].note.startswith("median of 3 rounds (50.0, 50.0, 50.0 tok/s); x1.000 of a per round")
     assert runs[0].note == "median of 3 rounds (100.0, 50.0, 25.0 tok/s)"
-    single, none = median_runs(rounds[:1], {}, ("a", "b"))
+    single, none = median_runs(rounds[:1], ("a", "b"))
     assert single == rounds[0] and none == {}
 
 

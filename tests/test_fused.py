@@ -7,34 +7,19 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 
-from tests.factories import SMALL, small_model
+from tests.factories import FAMILIES, SMALL, small_model
 from toolkit.layers.fused import FusedProjection, ProjectionSlice, fuse_projections
 from toolkit.layers.linear import CpuLinear, KernelChoice, LinearPlan, install
 
 ONEDNN_PLAN = LinearPlan((KernelChoice(1, None, "onednn"),))
 
 
-@pytest.mark.parametrize(
-    ("cls", "config_cls"),
-    [(LlamaForCausalLM, LlamaConfig), (Qwen2ForCausalLM, Qwen2Config), (Qwen3ForCausalLM, Qwen3Config),
-     (MistralForCausalLM, MistralConfig)],
-    ids=["llama", "qwen2", "qwen3", "mistral"],
-)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("plan", [None, ONEDNN_PLAN])
-def test_fused_model_gives_the_same_logits(cls: type, config_cls: type, plan: LinearPlan | None) -> None:
+def test_fused_model_gives_the_same_logits(family: str, plan: LinearPlan | None) -> None:
     """Qwen2 has q/k/v biases, Qwen3 norms q and k per head; with and without oneDNN on the stacked GEMM."""
-    model = small_model(cls, config_cls)
+    model = small_model(family)
     reference = copy.deepcopy(model)
     if plan is not None:
         install(model, plan)
@@ -50,7 +35,7 @@ def test_fused_model_gives_the_same_logits(cls: type, config_cls: type, plan: Li
 
 def test_slices_are_views_of_one_stacked_weight() -> None:
     """No weight is duplicated: every slice's weight lives in its group's stacked storage, state_dict is unchanged."""
-    model = small_model(Qwen2ForCausalLM, Qwen2Config)
+    model = small_model("qwen2")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params_before = sum(p.numel() for p in model.parameters())
     fuse_projections(model)

@@ -8,17 +8,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from transformers import (
-    AttentionInterface,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import AttentionInterface
 
 from tests.factories import SMALL, small_model
 from toolkit.engine.block_manager import BlockManager
@@ -96,18 +86,14 @@ def test_ragged_batch_matches_plain_forward(llama: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize(
-    ("cls", "config_cls", "extra"),
-    [
-        (Qwen2ForCausalLM, Qwen2Config, {}),
-        (Qwen3ForCausalLM, Qwen3Config, {"head_dim": 16}),
-        (MistralForCausalLM, MistralConfig, {"sliding_window": 128}),
-        (LlamaForCausalLM, LlamaConfig, {"num_key_value_heads": 4}),
-    ],
+    ("family", "extra"),
+    [("qwen2", {}), ("qwen3", {"head_dim": 16}), ("mistral", {"sliding_window": 128}),
+     ("llama", {"num_key_value_heads": 4})],
     ids=["qwen2", "qwen3", "mistral", "llama-mha"],
 )
-def test_other_families_run_unchanged(cls: type, config_cls: type, extra: dict[str, object]) -> None:
+def test_other_families_run_unchanged(family: str, extra: dict[str, object]) -> None:
     with torch.inference_mode():
-        _check_mixed_steps(small_model(cls, config_cls, **extra), SMALL["vocab_size"], atol=1e-4)
+        _check_mixed_steps(small_model(family, **extra), SMALL["vocab_size"], atol=1e-4)
 
 
 def test_attention_is_set_once_and_hf_generate_still_works(llama: torch.nn.Module) -> None:
@@ -144,7 +130,7 @@ def test_hf_builds_no_mask_and_sliding_window_is_guarded(llama: torch.nn.Module)
     try:
         _check_mixed_steps(llama, llama.config.vocab_size, atol=1e-4)
         with pytest.raises(NotImplementedError, match="sliding window"):
-            mistral = small_model(MistralForCausalLM, MistralConfig, sliding_window=8)
+            mistral = small_model("mistral", sliding_window=8)
             _check_mixed_steps(mistral, SMALL["vocab_size"], 1e-4)
     finally:
         AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
@@ -170,7 +156,7 @@ def test_bfloat16_close_to_float32(llama: torch.nn.Module) -> None:
 def test_ragged_batch_on_cuda() -> None:
     with torch.inference_mode():
         _check_mixed_steps(build_tiny_llama().eval().cuda(), 49152, atol=1e-3)
-        qwen3 = small_model(Qwen3ForCausalLM, Qwen3Config, head_dim=16).cuda()
+        qwen3 = small_model("qwen3", head_dim=16).cuda()
         _check_mixed_steps(qwen3, SMALL["vocab_size"], atol=1e-3)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import inspect
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,8 @@ def source_of(*functions: Callable[..., Any]) -> str:
     for fn in functions:
         lines, first = inspect.getsourcelines(fn)
         where = f"# {fn.__module__}.{fn.__qualname__}  ({Path(inspect.getsourcefile(fn) or '').name}:{first})"
-        parts.append(where + "\n" + _dedent(lines))
+        parts.append(where + "\n" + textwrap.dedent("".join(lines)).rstrip("\n"))
     return "\n\n".join(parts)
-
-
-def _dedent(lines: list[str]) -> str:
-    indent = min(len(line) - len(line.lstrip()) for line in lines if line.strip())
-    return "".join(line[indent:] for line in lines).rstrip("\n")
 
 
 def side_by_side(left_title: str, left: str, right_title: str, right: str) -> str:

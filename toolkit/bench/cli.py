@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import math
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from .config import CLIENTS, KNOWN_SYSTEMS, BenchConfig
 from .records import SystemRun
 from .report import machine_info, markdown, plot, show, write_json
 from .roofline import gemm_gflops
-from .stats import latencies, summarize
+from .stats import latencies, output_tok_s, summarize
 from .systems import isolated, probe_model, run_system
 from .workloads import SHARED_PREFIX_UNIQUE, WORKLOADS, BenchRequest, build_workload, parse_range
 
@@ -95,14 +96,14 @@ def parse_config(argv: Sequence[str]) -> BenchConfig:
     return BenchConfig(**fields)
 
 
-def header(cfg: BenchConfig, probe: dict[str, Any], host: HostInfo | None = None, slow: str = "") -> str:
+def header(cfg: BenchConfig, probe: dict[str, Any], host: HostInfo, slow: str) -> str:
     """The table title: the workload, the model and dtype, the roofline's GEMM, then the host record on its own line."""
     title = _workload_line(cfg, probe)
     if slow:
         title += f"; EMULATED {cfg.dtype}: {slow}"
     if cfg.client != "asyncio":
-        title += f"; client: {cfg.client_threads} threads calling pipe.generate"
-    return title + (f"\nhost: {host.title()}" if host is not None else "")
+        title += f"; client: {cfg.client_concurrency} threads calling pipe.generate"
+    return f"{title}\nhost: {host.title()}"
 
 
 def _workload_line(cfg: BenchConfig, probe: dict[str, Any]) -> str:
@@ -135,7 +136,7 @@ def measure(name: str, cfg: BenchConfig, requests: list[BenchRequest]) -> System
         run = isolated(cfg, run_system, name, cfg, subset)
     except Exception as exc:
         run = SystemRun(name, error=str(exc))
-    run.note = "; ".join(filter(None, [note, run.note]))
+    run.prepend_note(note)
     run.loadavg_1m = os.getloadavg()[0]
     tokens = sum(r.num_tokens for r in run.records)
     status = f"FAILED: {run.error.splitlines()[0]}" if run.error else f"{tokens} tokens"
@@ -150,36 +151,33 @@ def rotated(systems: Sequence[str], i: int) -> list[str]:
     return [*systems[shift:], *systems[:shift]]
 
 
-def median_runs(rounds: list[list[SystemRun]], probe: dict[str, Any], systems: Sequence[str]
+def median_runs(rounds: list[list[SystemRun]], systems: Sequence[str]
                 ) -> tuple[list[SystemRun], dict[str, dict[str, Any]]]:
     """Each system's run of median output tok/s (in `systems` order) and, with several rounds, its tok/s per round and
     the per-round ratios to the first system: the paired comparison a noisy shared host allows."""
+    if len(rounds) == 1:
+        return rounds[0], {}  # round 0 runs the systems in their own order
     by_name: dict[str, list[tuple[SystemRun, float]]] = {name: [] for name in systems}
     for run in (run for one_round in rounds for run in one_round):
-        by_name[run.name].append((run, summarize(run, probe)["output_tok_s"]))
-    if len(rounds) == 1:
-        return [by_name[name][0][0] for name in systems], {}
+        by_name[run.name].append((run, output_tok_s(run)))
     first = [tok_s for _, tok_s in by_name[systems[0]]]
     chosen, paired = [], {}
     for name in systems:
         ranked = sorted(by_name[name], key=lambda pair: pair[1] if math.isfinite(pair[1]) else -math.inf)
         chosen.append(ranked[(len(ranked) - 1) // 2][0])
         per_round = [tok_s for _, tok_s in by_name[name]]
-        ratios = [a / b for a, b in zip(per_round, first, strict=True) if b > 0]
-        paired[name] = {"rounds_output_tok_s": per_round, "paired_ratio": _geomean(ratios),
+        ratios = [r for r in (a / b for a, b in zip(per_round, first, strict=True) if b > 0)
+                  if r > 0 and math.isfinite(r)]
+        paired[name] = {"rounds_output_tok_s": per_round,
+                        "paired_ratio": statistics.geometric_mean(ratios) if ratios else math.nan,
                         "paired_ratio_min": min(ratios, default=math.nan),
                         "paired_ratio_max": max(ratios, default=math.nan)}
         note = f"median of {len(per_round)} rounds (" + ", ".join(f"{t:.1f}" for t in per_round) + " tok/s)"
         if name != systems[0]:
             note += (f"; x{paired[name]['paired_ratio']:.3f} of {systems[0]} per round (geometric mean, "
                      f"{paired[name]['paired_ratio_min']:.3f}-{paired[name]['paired_ratio_max']:.3f})")
-        chosen[-1].note = "; ".join(filter(None, [note, chosen[-1].note]))
+        chosen[-1].prepend_note(note)
     return chosen, paired
-
-
-def _geomean(values: list[float]) -> float:
-    good = [v for v in values if v > 0 and math.isfinite(v)]
-    return math.exp(sum(map(math.log, good)) / len(good)) if good else math.nan
 
 
 def emulated_dtype(cfg: BenchConfig) -> str:
@@ -187,7 +185,7 @@ def emulated_dtype(cfg: BenchConfig) -> str:
     import torch
 
     from toolkit import models
-    from toolkit.engine.hardware import NATIVE_FLAGS, cpu_capability, native_dtype
+    from toolkit.engine.hardware import cpu_capability, native_dtype, native_features
 
     if cfg.dtype == "float32":
         return ""
@@ -197,9 +195,8 @@ def emulated_dtype(cfg: BenchConfig) -> str:
         return ""
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(device)} has no native {cfg.dtype}"
-    needs = " / ".join(sorted(f.upper() for f in NATIVE_FLAGS.get(dtype, ()) if f.startswith(("avx", "amx"))))
-    return (f"this CPU ({cpu_capability() or device}) has no {needs}: torch emulates {cfg.dtype}, up to 100x slower "
-            "than float32 (1.2 against 125 GFLOP/s on an AVX2 EPYC)")
+    return (f"this CPU ({cpu_capability() or device}) has no {native_features(dtype)}: torch emulates {cfg.dtype}, "
+            "up to 100x slower than float32 (1.2 against 125 GFLOP/s on an AVX2 EPYC)")
 
 
 def refuse_slow_dtype(cfg: BenchConfig) -> str:
@@ -215,21 +212,8 @@ def refuse_slow_dtype(cfg: BenchConfig) -> str:
     return slow
 
 
-def host_probe(cfg: BenchConfig) -> HostInfo:
-    """The host record (CPU, capability, flags, float32 / bfloat16 GEMM, memory bandwidth) with the run's threads."""
-    import torch
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return probe_host(min_s=0.3)
-
-
 def machine_probe(cfg: BenchConfig, device: str) -> dict[str, Any]:
     """GEMM GFLOP/s for the dtype, measured here (the other processes idle) and the load average around it."""
-    import torch
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     return {"gemm_gflops": gemm_gflops(cfg.dtype, device, min_s=1.0), "loadavg_1m": os.getloadavg()[0]}
 
 
@@ -239,6 +223,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     The GEMM ceiling is measured before and after the systems and the better one kept: the cores are shared, and
     a probe that ran while someone else was busy would make every roofline fraction look too good.
     """
+    import torch
+
     from toolkit import models
 
     slow = refuse_slow_dtype(cfg)
@@ -246,11 +232,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.threads is None:  # every system gets the worker's own default, so they all run with the same threads
         threads, threads_rule = choose_num_threads()
         cfg = dataclasses.replace(cfg, threads=threads)
+    torch.set_num_threads(cfg.threads)  # this process's probes; each system sets its own
     tokenizer = models.load_tokenizer(cfg.model)
     requests = build_workload(tokenizer, cfg.workload, cfg.num_requests, cfg.input_len, cfg.output_len, cfg.seed,
                               cfg.request_rate, cfg.prefix_len)
     probe = isolated(cfg, probe_model, cfg)
-    host = host_probe(cfg)
+    host = probe_host(min_s=0.3)  # the host record: CPU, flags, float32 / bfloat16 GEMM, memory bandwidth
     before = machine_probe(cfg, probe["device"])
     probe |= {"gemm_gflops": before["gemm_gflops"]}
     print(header(cfg, probe, host, slow), flush=True)
@@ -260,9 +247,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
               before["gemm_gflops"], "gemm_gflops_after": after["gemm_gflops"], "loadavg_1m_before":
               before["loadavg_1m"], "loadavg_1m_after": after["loadavg_1m"]}
     title = header(cfg, probe, host, slow)
-    runs, paired = median_runs(rounds, probe, cfg.systems)
-    for run in runs if slow else ():
-        run.note = "; ".join(filter(None, [f"emulated {cfg.dtype}", run.note]))
+    runs, paired = median_runs(rounds, cfg.systems)
+    if slow:
+        for run in runs:
+            run.prepend_note(f"emulated {cfg.dtype}")
     summaries = {run.name: summarize(run, probe) | paired.get(run.name, {}) for run in runs}
     samples = {run.name: latencies(run.records) for run in runs}
     print("\n" + show(summaries, title), flush=True)

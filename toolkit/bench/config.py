@@ -48,6 +48,11 @@ class BenchConfig:
     plot: bool = True
 
     @property
+    def client_concurrency(self) -> int:
+        """Client "threads": how many threads run, within --max-concurrency."""
+        return min(self.client_threads, self.max_concurrency or self.client_threads)
+
+    @property
     def offline(self) -> bool:
         return math.isinf(self.request_rate)
 

@@ -44,3 +44,6 @@ class SystemRun:
     skipped: str = ""  # why the system did not run at all (e.g. its library is not installed); not a failure
     note: str = ""
     prefix_cache_hit_rate: float = math.nan  # prompt tokens served from the prefix cache / looked up (toolkit only)
+
+    def prepend_note(self, text: str) -> None:
+        self.note = "; ".join(filter(None, [text, self.note]))

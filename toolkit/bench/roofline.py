@@ -5,10 +5,9 @@ The measurements themselves live in toolkit.engine.hardware (the worker's start-
 
 from __future__ import annotations
 
-from toolkit.engine.hardware import GEMM_SHAPE, gemm_gflops, param_counts
+from toolkit.engine.hardware import gemm_gflops, param_counts
 
-PROBE_SHAPE = GEMM_SHAPE
-__all__ = ["PROBE_SHAPE", "gemm_gflops", "model_flops", "param_counts"]
+__all__ = ["gemm_gflops", "model_flops", "param_counts"]
 
 
 def model_flops(num_params: int, lm_head_params: int, prompt_tokens: int, output_tokens: int) -> float:

@@ -49,11 +49,20 @@ def computed_prompt_tokens(prompt_tokens: int, hit_rate: float) -> float:
     return prompt_tokens * (1.0 - hit_rate) if math.isfinite(hit_rate) else float(prompt_tokens)
 
 
+def duration_s(run: SystemRun) -> float:
+    """From when the first request could be sent to the last chunk received."""
+    return max((r.chunk_times[-1] for r in run.records if r.chunk_times), default=run.started_at) - run.started_at
+
+
+def output_tok_s(run: SystemRun) -> float:
+    duration = duration_s(run)
+    return sum(r.num_tokens for r in run.records) / duration if duration > 0 else math.nan
+
+
 def summarize(run: SystemRun, probe: dict[str, Any]) -> dict[str, Any]:
     """Every metric in METRICS (NaN where a system cannot know it), plus the run's error and note."""
     done = [r for r in run.records if r.chunk_times]
-    end = max((r.chunk_times[-1] for r in done), default=run.started_at)
-    duration = end - run.started_at
+    duration = duration_s(run)
     output_tokens = sum(r.num_tokens for r in run.records)
     prompt_tokens = sum(r.prompt_len for r in done)
     rate = (lambda n: n / duration) if duration > 0 else (lambda n: math.nan)
@@ -64,7 +73,7 @@ def summarize(run: SystemRun, probe: dict[str, Any]) -> dict[str, Any]:
         "expected_output_tokens": sum(r.output_len for r in run.records),
         "exact_token_counts": bool(run.records) and all(r.num_tokens == r.output_len for r in run.records),
         "duration_s": duration,
-        "output_tok_s": rate(output_tokens),
+        "output_tok_s": output_tok_s(run),
         "total_tok_s": rate(output_tokens + prompt_tokens),
         "req_s": rate(len(done)),
     }

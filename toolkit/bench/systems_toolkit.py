@@ -20,6 +20,8 @@ from .records import RequestRecord, SystemRun
 from .workloads import BenchRequest, warmup_requests
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from toolkit.engine.core import Engine
     from toolkit.pipeline import TokenGeneratorPipeline
     from toolkit.pool import WorkerPool
@@ -57,45 +59,55 @@ class PipelineStreamer:
 def run_toolkit(cfg: BenchConfig, requests: Sequence[BenchRequest], name: str = "toolkit",
                 prefix_cache: bool | None = None) -> SystemRun:
     """Through the worker and the pipeline; the prefix cache is emptied after the warm-up, so every run starts cold."""
-    from toolkit.pipeline import TokenGeneratorPipeline
     from toolkit.worker.client import start_model_worker
 
     run = SystemRun(name)
     loading = time.perf_counter()
     with start_model_worker(toolkit_settings(cfg, prefix_cache)) as worker:
         run.load_s = time.perf_counter() - loading
-        pipe = TokenGeneratorPipeline(worker)
-        streamer = PipelineStreamer(pipe)
-        drive_async(streamer, warmup_requests(requests, cfg.warmup), None, run.name, progress=False)
-        settle_metrics(worker)
-        worker.reset_prefix_cache()
-        worker.metrics.reset()
+        streamer = warm_up(worker, cfg, requests, name)
         with RssSampler(worker.pid) as rss:
-            run.records, run.started_at = drive_client(cfg, pipe, streamer, requests, name)
+            run.records, run.started_at = drive_client(cfg, streamer, requests, name)
         if cfg.client == "threads":
-            run.note = f"client: {client_threads(cfg)} threads calling pipe.generate (no streaming: TTFT = E2E)"
-        settle_metrics(worker)
-        steps = worker.metrics.steps()
-        run.batch_sizes = steps.batch_size.astype(int).tolist()
+            run.note = f"client: {cfg.client_concurrency} threads calling pipe.generate (no streaming: TTFT = E2E)"
+        steps = collect_steps(worker, run)
         run.peak_rss_bytes = max(rss.peak, int(steps.rss_bytes.max()) if len(steps) else 0)
-        run.prefix_cache_hit_rate = hit_rate(steps.prefix_cache_queries.sum(), steps.prefix_cache_hits.sum())
     return run
 
 
-def client_threads(cfg: BenchConfig) -> int:
-    return min(cfg.client_threads, cfg.max_concurrency or cfg.client_threads)
+def warm_up(worker: ModelWorker | WorkerPool, cfg: BenchConfig, requests: Sequence[BenchRequest],
+            name: str) -> PipelineStreamer:
+    """A pipeline on `worker`, warmed up; then its prefix cache and telemetry are emptied, so the run starts cold."""
+    from toolkit.pipeline import TokenGeneratorPipeline
+
+    streamer = PipelineStreamer(TokenGeneratorPipeline(worker))
+    drive_async(streamer, warmup_requests(requests, cfg.warmup), None, name, progress=False)
+    settle_metrics(worker)
+    worker.reset_prefix_cache()
+    worker.metrics.reset()
+    return streamer
 
 
-def drive_client(cfg: BenchConfig, pipe: TokenGeneratorPipeline, streamer: PipelineStreamer,
-                 requests: Sequence[BenchRequest], name: str) -> tuple[list[RequestRecord], float]:
+def collect_steps(worker: ModelWorker | WorkerPool, run: SystemRun) -> pd.DataFrame:
+    """After the run: every step row the worker logged, its batch sizes and prefix-cache hit rate put into `run`."""
+    settle_metrics(worker)
+    steps = worker.metrics.steps()
+    run.batch_sizes = steps.batch_size.astype(int).tolist()
+    run.prefix_cache_hit_rate = hit_rate(steps.prefix_cache_queries.sum(), steps.prefix_cache_hits.sum())
+    return steps
+
+
+def drive_client(cfg: BenchConfig, streamer: PipelineStreamer, requests: Sequence[BenchRequest],
+                 name: str) -> tuple[list[RequestRecord], float]:
     """The measured run through the pipeline with cfg.client: asyncio tasks on astream, or threads on generate."""
+    pipe = streamer.pipe
     if cfg.client == "threads":
 
         def call(request: BenchRequest) -> int:
             out = pipe.generate(request.prompt_ids, max_new_tokens=request.output_len, ignore_eos=True)
             return len(out.token_ids)
 
-        return drive_threads(call, requests, client_threads(cfg), name)
+        return drive_threads(call, requests, cfg.client_concurrency, name)
     return drive_async(streamer, requests, cfg.max_concurrency, name)
 
 
@@ -106,7 +118,6 @@ def run_toolkit_no_cache(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> 
 def run_toolkit_ray(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> SystemRun:
     """The same pipeline over a WorkerPool: `cfg.replicas` replicas as Ray actors on a Ray this process starts; every
     replica's prefix cache is emptied after the warm-up, as in `run_toolkit`."""
-    from toolkit.pipeline import TokenGeneratorPipeline
     from toolkit.pool import start_worker_pool
 
     threads = cfg.threads_per_replica or max(1, (cfg.threads or os.cpu_count() or 1) // cfg.replicas)
@@ -116,22 +127,14 @@ def run_toolkit_ray(cfg: BenchConfig, requests: Sequence[BenchRequest]) -> Syste
     with start_worker_pool(settings, replicas=cfg.replicas, num_cpus_per_replica=threads) as pool:
         run.load_s = time.perf_counter() - loading
         ray_rss = sum(rss_of(p) for p in ray_daemons(pool.pids))
-        pipe = TokenGeneratorPipeline(pool)
-        streamer = PipelineStreamer(pipe)
-        drive_async(streamer, warmup_requests(requests, cfg.warmup), None, run.name, progress=False)
-        settle_metrics(pool)
-        pool.reset_prefix_cache()
-        pool.metrics.reset()
+        streamer = warm_up(pool, cfg, requests, run.name)
         pids = [p for p in pool.pids if p is not None]
         cpu = time.process_time()
         with RssSampler(pids[0], tuple(pids[1:])) as rss:
             run.records, run.started_at = drive_async(streamer, requests, cfg.max_concurrency, "toolkit-ray")
         parent_cpu_s = time.process_time() - cpu  # client + pipeline + router + Ray client: what one parent can carry
-        settle_metrics(pool)
-        steps = pool.metrics.steps()
-        run.batch_sizes = steps.batch_size.astype(int).tolist()
+        collect_steps(pool, run)
         run.peak_rss_bytes = rss.peak
-        run.prefix_cache_hit_rate = hit_rate(steps.prefix_cache_queries.sum(), steps.prefix_cache_hits.sum())
         t = pool.timings
         run.note = (f"{cfg.replicas} replicas x {threads} threads; Ray start {t['ray_connect_s']:.1f} s, replicas "
                     f"ready {t['replicas_ready_s']:.1f} s; Ray's own processes {ray_rss / 2**20:.0f} MiB RSS "

@@ -98,10 +98,9 @@ class EmbeddingsEngine:
         self.hardware = hardware_info(self.device, self.dtype)
         model_limit = int(getattr(model.config, "max_position_embeddings", 512))
         self.recipe = EmbeddingRecipe.from_dir(spec.source, min(model_limit, tokenizer.model_max_length))
-        self.max_batch_tokens, self.gemm_gflops = settings.max_batch_tokens, 0.0
-        if self.max_batch_tokens is None:
-            self.max_batch_tokens, self.gemm_gflops, self.auto_knobs["max_batch_tokens"] = choose_max_batch_tokens(
-                model, self.device, self.dtype, settings.max_batch_size)
+        self.max_batch_tokens, self.gemm_gflops, knobs = choose_max_batch_tokens(
+            settings.max_batch_tokens, model, self.device, self.dtype, settings.max_batch_size)
+        self.auto_knobs |= knobs
         self.scheduler = EmbeddingsScheduler(settings.max_batch_size, self.max_batch_tokens)
         self._token_ids: dict[str, list[list[int]]] = {}
         self._vectors: dict[str, list[np.ndarray | None]] = {}

@@ -62,10 +62,9 @@ class Engine:
         self.notes: list[str] = []  # what the engine changed at load, for Ready.notes and the log
         self.max_model_len = self._max_model_len(settings)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
-        self.max_batch_tokens, self.gemm_gflops = settings.max_batch_tokens, 0.0
-        if self.max_batch_tokens is None:
-            self.max_batch_tokens, self.gemm_gflops, self.auto_knobs["max_batch_tokens"] = choose_max_batch_tokens(
-                model, self.device, self.dtype, settings.max_batch_size)
+        self.max_batch_tokens, self.gemm_gflops, knobs = choose_max_batch_tokens(
+            settings.max_batch_tokens, model, self.device, self.dtype, settings.max_batch_size)
+        self.auto_knobs |= knobs
         self.blocks = BlockManager(self.num_blocks, settings.block_size, enable_caching=settings.enable_prefix_caching)
         self.scheduler = TokenGenerationScheduler(
             self.blocks, max_batch_size=settings.max_batch_size, max_batch_tokens=self.max_batch_tokens,

@@ -39,18 +39,28 @@ def cpu_capability() -> str:
         return ""
 
 
-@functools.cache
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The first processor's feature flags; empty where the file does not exist (macOS, Windows)."""
+def _cpuinfo_field(path: str, keys: tuple[str, ...]) -> str | None:
+    """The first non-empty value of any of `keys` in /proc/cpuinfo's format; None where there is none or no file."""
     try:
         text = Path(path).read_text(errors="replace")
     except OSError:
-        return frozenset()
+        return None
     for line in text.splitlines():
         name, _, value = line.partition(":")
-        if name.strip().lower() in ("flags", "features"):
-            return frozenset(value.split())
-    return frozenset()
+        if name.strip().lower() in keys and value.strip():
+            return value.strip()
+    return None
+
+
+@functools.cache
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The first processor's feature flags; empty where the file does not exist (macOS, Windows)."""
+    return frozenset((_cpuinfo_field(path, ("flags", "features")) or "").split())
+
+
+def native_features(dtype: torch.dtype) -> str:
+    """The CPU features that give `dtype` native arithmetic, as a warning names them: "AMX_BF16 / AVX512_BF16"."""
+    return " / ".join(sorted(f.upper() for f in NATIVE_FLAGS.get(dtype, ()) if f.startswith(("avx", "amx"))))
 
 
 def dtype_warnings(device: torch.device | str, dtype: torch.dtype, flags: frozenset[str] | None = None) -> list[str]:
@@ -61,10 +71,9 @@ def dtype_warnings(device: torch.device | str, dtype: torch.dtype, flags: frozen
     if not flags or flags & NATIVE_FLAGS[dtype]:
         return []
     name = str(dtype).removeprefix("torch.")
-    needs = " / ".join(sorted(f.upper() for f in NATIVE_FLAGS[dtype] if f.startswith(("avx", "amx"))))
     return [
         f"dtype {name} on a CPU without native {name} arithmetic ({cpu_capability() or platform.machine()}, "
-        f"no {needs}): torch emulates it, slower than float32 and up to 100x so on AVX2 hosts; "
+        f"no {native_features(dtype)}): torch emulates it, slower than float32 and up to 100x so on AVX2 hosts; "
         "use dtype='float32' (or 'auto')"
     ]
 
@@ -88,14 +97,7 @@ NOTABLE_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512
 @functools.cache
 def cpu_model(path: str = "/proc/cpuinfo") -> str:
     """The CPU's marketing name ("AMD EPYC 7B13"); platform's processor or machine where /proc/cpuinfo is missing."""
-    try:
-        for line in Path(path).read_text(errors="replace").splitlines():
-            name, _, value = line.partition(":")
-            if name.strip().lower() in ("model name", "hardware") and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo_field(path, ("model name", "hardware")) or platform.processor() or platform.machine()
 
 
 def native_dtype(dtype: torch.dtype, device: torch.device | str = "cpu", flags: frozenset[str] | None = None) -> bool:
@@ -169,7 +171,7 @@ def choose_num_threads() -> tuple[int, str]:
     if limit is not None and math.ceil(limit) < threads:
         threads = max(1, math.ceil(limit))
         why = f"{threads}: the cgroup's CPU quota ({limit:g} CPUs) of {len(cpus)} usable CPUs"
-    return max(1, threads), why
+    return threads, why
 
 
 def set_num_threads(requested: int | None) -> dict[str, str]:
@@ -338,9 +340,12 @@ def auto_max_batch_tokens(flops_per_token: float, gemm_gflops: float, max_batch_
     return max(max_batch_size, min(BUDGET_BOUNDS[1], max(BUDGET_BOUNDS[0], tokens)))
 
 
-def choose_max_batch_tokens(model: Any, device: torch.device | str, dtype: torch.dtype, max_batch_size: int
-                            ) -> tuple[int, float, str]:
-    """(tokens, GEMM GFLOP/s measured, why): auto_max_batch_tokens for `model` from a GEMM timed here (~0.3 s)."""
+def choose_max_batch_tokens(requested: int | None, model: Any, device: torch.device | str, dtype: torch.dtype,
+                            max_batch_size: int) -> tuple[int, float, dict[str, str]]:
+    """(tokens, GEMM GFLOP/s measured, auto_knobs entry): `requested` as given (nothing measured, no entry), or when
+    None auto_max_batch_tokens for `model` from a GEMM timed here (~0.3 s), with the reason."""
+    if requested is not None:
+        return requested, 0.0, {}
     name = str(dtype).removeprefix("torch.")
     gflops = gemm_gflops(name, str(torch.device(device)), min_s=0.15)
     params, head = param_counts(model)
@@ -348,4 +353,4 @@ def choose_max_batch_tokens(model: Any, device: torch.device | str, dtype: torch
     tokens = auto_max_batch_tokens(per_token, gflops, max_batch_size)
     why = (f"{tokens}: a ~{TARGET_STEP_S:g} s step at the {name} GEMM speed measured at start-up ({gflops:.0f} GFLOP/s)"
            f" and {per_token / 1e9:.3g} GFLOP a token, within {BUDGET_BOUNDS[0]}-{BUDGET_BOUNDS[1]}")
-    return tokens, gflops, why
+    return tokens, gflops, {"max_batch_tokens": why}

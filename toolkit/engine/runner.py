@@ -146,8 +146,8 @@ class ModelRunner:
         tables = [s.seq.block_table[: -(-n // bs)] for s, n in zip(decodes, lengths, strict=True)]
         flat = [b for t in tables for b in (*t, *([t[0]] * (nb - len(t))))]
         visible = torch.arange(nb * bs)[None, :] < torch.tensor(lengths)[:, None]
-        mask = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
-        return DecodeGroup(offset, offset + len(decodes), self._tensor(flat), mask[:, None, None, :].to(self.device))
+        mask = self._additive_mask(visible)
+        return DecodeGroup(offset, offset + len(decodes), self._tensor(flat), mask[:, None, None, :])
 
     def _add_prefills(self, batch: PagedBatch, prefills: list[ScheduledSequence], offset: int) -> None:
         """Each multi-token sequence: its query rows; with a cached prefix, its blocks and a causal mask over them."""
@@ -159,9 +159,14 @@ class ModelRunner:
                 nb = -(-end // bs)
                 span.blocks = self._tensor(s.seq.block_table[:nb])
                 query_pos = torch.arange(s.start, end)[:, None]
-                span.mask = (torch.arange(nb * bs)[None, :] <= query_pos).to(self.device)
+                span.mask = self._additive_mask(torch.arange(nb * bs)[None, :] <= query_pos)
             batch.prefills.append(span)
             offset += s.num_tokens
+
+    def _additive_mask(self, visible: torch.Tensor) -> torch.Tensor:
+        """0 where `visible`, -inf elsewhere, in the cache's dtype on the device: built once a step and added to the
+        scores by SDPA in every layer (a bool mask would be converted to this in each of them)."""
+        return torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf")).to(self.device)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

@@ -25,7 +25,7 @@ class PrefillSpan:
     q_start: int
     q_end: int
     blocks: torch.Tensor | None = None  # blocks covering cached prefix + new tokens; None: no prefix, use new K/V
-    mask: torch.Tensor | None = None  # bool [n, len(blocks) * block_size], True where a query may attend
+    mask: torch.Tensor | None = None  # [n, len(blocks) * block_size] in the cache's dtype, 0 where a query may attend
 
 
 @dataclass(slots=True)

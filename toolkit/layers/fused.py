@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.layers.linear import CpuLinear, LinearPlan
+from toolkit.layers.linear import CpuLinear, LinearPlan, has_hooks
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Llama, Mistral, Qwen2/3, Gemma, Phi-3 naming
 
@@ -91,7 +91,7 @@ def _fusable(parts: list[object]) -> bool:
     if not all(type(p) in (nn.Linear, CpuLinear) for p in parts):
         return False
     linears: list[nn.Linear] = parts  # type: ignore[assignment]
-    if any(p._forward_hooks or p._forward_pre_hooks or "forward" in p.__dict__ for p in linears):
+    if any(has_hooks(p) for p in linears):
         return False
     first = linears[0].weight
     return all(

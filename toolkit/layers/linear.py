@@ -174,7 +174,7 @@ def install(model: nn.Module, plan: LinearPlan) -> int:
     replaced: dict[int, CpuLinear] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or _has_hooks(child):
+            if type(child) is not nn.Linear or has_hooks(child):
                 continue
             if id(child) not in replaced:
                 replaced[id(child)] = CpuLinear(child, plan)
@@ -182,7 +182,7 @@ def install(model: nn.Module, plan: LinearPlan) -> int:
     return len(replaced)
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
     """Hooks or an instance-level forward (accelerate's offloading) would be lost by replacing the module."""
     return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from toolkit.engine.block_manager import BlockManager
 from toolkit.engine.scheduler import TokenGenerationScheduler
 from toolkit.errors import InvalidRequestError
+from toolkit.validation import check_prompt_length
 from toolkit.worker.messages import GenerateRequest
 
 WAITING, PREFILL, DECODE, PREEMPTED = "waiting", "prefill", "decode", "preempted"
@@ -99,10 +100,9 @@ def simulate(
                                          max_model_len=MAX_MODEL_LEN, eos_token_ids=[])
     pending = sorted(((r, GenerateRequest(r.name, r.token_ids(i), r.new_tokens, ignore_eos=True))
                       for i, r in enumerate(reqs)), key=lambda pair: pair[0].arrival_step)
-    for _, request in pending:  # refuse up front what could never run, as the engine does on add()
-        if len(request.prompt_token_ids) > blocks.capacity_tokens:
-            raise InvalidRequestError(f"{request.request_id}: a prompt of {len(request.prompt_token_ids)} tokens "
-                                      f"does not fit {num_kv_blocks} blocks of {block_size}")
+    for _, request in pending:  # refuse up front what could never run, by the engine's own rule
+        check_prompt_length(len(request.prompt_token_ids), max_model_len=MAX_MODEL_LEN,
+                            kv_cache_tokens=blocks.capacity_tokens, request_id=request.request_id)
     trace = Trace([r.name for r in reqs], scheduler)
     step = 0
     while pending or scheduler.has_work:

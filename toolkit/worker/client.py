@@ -185,11 +185,7 @@ class ResponseRouter:
             self.metrics.add(message)
             if message.step_running_s > 0 and (self.step_clock is None or self.step_clock[0] != message.step):
                 self.step_clock = (message.step, time.monotonic() - message.step_running_s)
-        else:
-            self._dispatch_other(message)
-
-    def _dispatch_other(self, message: object) -> None:
-        if isinstance(message, m.PrefixCacheReset):
+        elif isinstance(message, m.PrefixCacheReset):
             with self.lock:
                 waiter = self.replies.get(message.id)
             if waiter is not None:
